@@ -1,0 +1,146 @@
+"""Building blocks of the BEiT ViT as Flax NNX modules.
+
+Every parameter is created through `param`, which attaches logical axis names (`out_sharding` metadata) so the
+sharding code can map them onto a mesh with `nnx.logical_axis_rules`. Parameters are stored in `param_dtype`
+(f32) and cast to the compute `dtype` (bf16 on accelerators) where they are used.
+
+Tensor layouts (what the converter maps PyTorch's to):
+  patch embedding kernel  [p, p, C, D]        ("patch", "patch", "channels", "embed")
+  qkv kernel              [D, 3, H, Dh]       ("embed", None, "heads", "head_dim")
+  attention out kernel    [H, Dh, D]          ("heads", "head_dim", "embed")
+  mlp kernels             [D, F] / [F, D]     ("embed", "mlp") / ("mlp", "embed")
+  relative position table [R, H]              ("relpos", "heads")
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+  """A parameter with logical axis names.
+
+  Flax shards a variable eagerly when it carries `out_sharding` and a mesh is set (`jax.set_mesh`); without a
+  mesh it refuses. We keep the axis names as metadata in both cases and only shard eagerly under a mesh.
+  """
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match parameter shape {tuple(shape)}")
+  eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=eager)
+
+
+def trunc_normal(std: float, bound: float) -> Initializer:
+  """Normal(0, std) truncated at +-bound*std, like PyTorch's `trunc_normal_(std=std, a=-b*std, b=b*std)`.
+
+  Unlike `jax.nn.initializers.truncated_normal`, `std` is the std of the *untruncated* normal (PyTorch's
+  convention), so BEiT's pre-training init (cut at +-1 sigma) has exactly the original's distribution.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    if bound >= 6.0:  # the truncation is immaterial; avoid erfinv at +-1
+      return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return (std * jax.random.truncated_normal(key, -bound, bound, shape, jnp.float32)).astype(dtype)
+  return init
+
+
+def scaled(init: Initializer, scale: float) -> Initializer:
+  def scaled_init(key, shape, dtype=jnp.float32):
+    return (init(key, shape, jnp.float32) * scale).astype(dtype)
+  return scaled_init
+
+
+def constant(value: float) -> Initializer:
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.full(shape, value, dtype)
+  return init
+
+
+zeros = constant(0.0)
+ones = constant(1.0)
+
+
+def torch_default_uniform(fan_in: int) -> Initializer:
+  """PyTorch's default Conv/Linear init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+  return init
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in f32 whatever the compute dtype."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(rngs, ones, (dim,), ("embed",), param_dtype)
+    self.bias = param(rngs, zeros, (dim,), ("embed",), param_dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+  """x @ kernel + bias with logical axis names for (in, out)."""
+
+  def __init__(self, din: int, dout: int, axes: tuple[str | None, str | None], *, kernel_init: Initializer,
+               dtype, param_dtype, rngs: nnx.Rngs, bias_init: Initializer = zeros):
+    self.dtype = dtype
+    self.kernel = param(rngs, kernel_init, (din, dout), axes, param_dtype)
+    self.bias = param(rngs, bias_init, (dout,), (axes[1],), param_dtype)
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
+    return y + self.bias.value.astype(self.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+  """Index [1+N, 1+N] into a relative position table of (2gh-1)(2gw-1)+3 rows (BEiT's layout).
+
+  Token-token pairs index by their (dy, dx) offset; the last three rows are cls->token, token->cls, cls->cls.
+  """
+  gh, gw = grid
+  coords = np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")).reshape(2, -1)  # [2, N]
+  rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
+  rel[0] += gh - 1
+  rel[1] += gw - 1
+  num_rel = (2 * gh - 1) * (2 * gw - 1)
+  n = gh * gw
+  index = np.zeros((n + 1, n + 1), dtype=np.int32)
+  index[1:, 1:] = rel[0] * (2 * gw - 1) + rel[1]
+  index[0, :] = num_rel  # cls -> token
+  index[:, 0] = num_rel + 1  # token -> cls
+  index[0, 0] = num_rel + 2  # cls -> cls
+  index.setflags(write=False)
+  return index
+
+
+def num_relative_positions(grid: tuple[int, int]) -> int:
+  return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+
+
+class RelativePositionBias(nnx.Module):
+  """A learned bias per (relative offset, head), zero-initialised as in BEiT; returns [H, 1+N, 1+N]."""
+
+  def __init__(self, grid: tuple[int, int], num_heads: int, *, param_dtype, rngs: nnx.Rngs):
+    self.grid = tuple(grid)
+    self.table = param(rngs, zeros, (num_relative_positions(self.grid), num_heads), ("relpos", "heads"),
+                       param_dtype)
+
+  def __call__(self):
+    index = relative_position_index(self.grid)
+    return jnp.transpose(self.table.value[index], (2, 0, 1))

@@ -1,0 +1,1 @@
+"""Training loops (one per mode) and their small shared parts."""

@@ -1,0 +1,43 @@
+"""beit_jax: BEiT and PeCo masked image modeling in JAX/Flax NNX."""
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+setuptools.setup(
+    name="beit_jax",
+    version="0.1.0",
+    description="BEiT / PeCo masked image modeling pre-training in JAX and Flax NNX",
+    long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["beit_jax", "beit_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.0",
+        "numpy>=2.0",
+        "scipy>=1.11",
+        "safetensors>=0.4",
+        "absl-py>=2.0",
+        "ml-collections>=1.0",
+        "clu>=0.0.12",
+        # clu's metric writers import tensorboard but clu does not declare it.
+        "tensorboard>=2.18",
+        "tensorflow-cpu>=2.18",
+        "tensorflow-datasets>=4.9.7",
+    ],
+    extras_require={
+        # Only for weight conversion from PyTorch pickles and for the parity tests / benchmarks.
+        # Install torch first (`pip install torch==<cpu build>`), or pip may pull a CUDA torch.
+        "torch": ["torch>=2.4", "timm>=1.0.15", "transformers>=4.46", "safetensors>=0.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "beit-convert=beit_jax.convert.cli:run",
+        ],
+    },
+)
