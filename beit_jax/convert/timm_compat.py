@@ -7,12 +7,17 @@ first lets it import; BEiT needs none of torchvision's C++ ops. Used by the pari
 """
 
 
+_LIBRARY = None  # kept alive: torch drops a Library's definitions when the object is collected
+
+
 def import_timm():
+  global _LIBRARY  # pylint: disable=global-statement
   import torch  # pylint: disable=import-outside-toplevel
-  lib = torch.library.Library("torchvision", "FRAGMENT")  # pylint: disable=unused-variable
+  if _LIBRARY is None:
+    _LIBRARY = torch.library.Library("torchvision", "FRAGMENT")
   for op in ("nms", "qnms"):
     try:
-      lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+      _LIBRARY.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     except RuntimeError:  # already defined (a real torchvision, or a second call)
       pass
   import timm  # pylint: disable=import-outside-toplevel
