@@ -114,26 +114,31 @@ def _hf_config(path: pathlib.Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # HF transformers names -> unilm/timm names
 # ---------------------------------------------------------------------------------------------------------------
+# Two HF namings exist: the one of every checkpoint on the Hub (`encoder.layer.N.attention.attention.query`),
+# which transformers 5 still writes with `save_pretrained`, and transformers 5's in-memory module names
+# (`layers.N.attention.q_proj`), which `model.state_dict()` returns. Both are read.
+_L = r"^(?:encoder\.layer|layers)\.(\d+)\."
 _HF_RULES = [
     (r"^embeddings\.cls_token$", "cls_token"),
     (r"^embeddings\.mask_token$", "mask_token"),
     (r"^embeddings\.position_embeddings$", "pos_embed"),
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^encoder\.relative_position_bias\.", "rel_pos_bias."),
-    (r"^encoder\.layer\.(\d+)\.attention\.attention\.relative_position_bias\.", r"blocks.\1.attn."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
-    (r"^encoder\.layer\.(\d+)\.lambda_1$", r"blocks.\1.gamma_1"),
-    (r"^encoder\.layer\.(\d+)\.lambda_2$", r"blocks.\1.gamma_2"),
+    (r"^(?:encoder\.relative_position_bias|shared_position_bias)\.", "rel_pos_bias."),
+    (_L + r"(?:attention\.attention\.)?relative_position_bias\.", r"blocks.\1.attn."),
+    (_L + r"(?:attention\.output\.dense|attention\.o_proj)\.", r"blocks.\1.attn.proj."),
+    (_L + r"layernorm_before\.", r"blocks.\1.norm1."),
+    (_L + r"layernorm_after\.", r"blocks.\1.norm2."),
+    (_L + r"(?:intermediate\.dense|mlp\.fc1)\.", r"blocks.\1.mlp.fc1."),
+    (_L + r"(?:output\.dense|mlp\.fc2)\.", r"blocks.\1.mlp.fc2."),
+    (_L + r"lambda_1$", r"blocks.\1.gamma_1"),
+    (_L + r"lambda_2$", r"blocks.\1.gamma_2"),
     (r"^pooler\.layernorm\.", "fc_norm."),
     (r"^layernorm\.", "norm."),
     (r"^classifier\.", "head."),
     (r"^lm_head\.", "lm_head."),
 ]
-_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+_HF_QKV = re.compile(_L + r"attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$")
+_QKV_NAMES = {"q": "query", "k": "key", "v": "value"}
 
 
 def _is_hf(sd: Mapping[str, np.ndarray]) -> bool:
@@ -155,7 +160,8 @@ def _from_hf(sd: StateDict) -> StateDict:
       continue
     m = _HF_QKV.match(name)
     if m:
-      qkv.setdefault(int(m.group(1)), {})[(m.group(2), m.group(3))] = value
+      part = m.group(2) or _QKV_NAMES[m.group(3)]
+      qkv.setdefault(int(m.group(1)), {})[(part, m.group(4))] = value
       continue
     for pattern, repl in _HF_RULES:
       new, n = re.subn(pattern, repl, name)
@@ -304,7 +310,12 @@ def infer_config(sd: Mapping[str, np.ndarray], hf_config: Mapping | None = None)
     grids["relative_position_bias_table"] = posemb.rel_table_grid(table.shape[0])[0]
     num_heads = int(table.shape[1])
   else:
-    num_heads = int(hf_config.get("num_attention_heads", _HEADS_BY_WIDTH.get(width, max(1, width // 64))))
+    num_heads = hf_config.get("num_attention_heads")
+    if num_heads is None:  # nothing in the tensors tells; only a table has one column per head
+      num_heads = _HEADS_BY_WIDTH.get(width, max(1, width // 64))
+      log.warning("no relative position table to read the number of heads from: assuming %d for width %d "
+                  "(override with num_heads=...)", num_heads, width)
+    num_heads = int(num_heads)
   if "pos_embed" in sd:
     n = sd["pos_embed"].shape[1] - 1
     grids["pos_embed"] = int(round(np.sqrt(n)))
@@ -374,13 +385,13 @@ def load_state_dict(sd: Mapping[str, np.ndarray], cfg: BeitConfig | None = None,
         fresh.append(name)
         continue
       raise ConversionError(f"checkpoint has no tensor {name!r} for parameter {'/'.join(map(str, path))} "
-                            f"(expected shape {to_torch(np.empty(var.value.shape), cfg).shape})")
-    value = to_ours(np.asarray(sd[name], np.float32), cfg) if sd[name].size == var.value.size else None
-    if value is None or value.shape != var.value.shape:
+                            f"(expected shape {to_torch(np.empty(var.shape), cfg).shape})")
+    value = to_ours(np.asarray(sd[name], np.float32), cfg) if sd[name].size == var.size else None
+    if value is None or value.shape != var.shape:
       raise ConversionError(f"tensor {name!r} has shape {tuple(sd[name].shape)} but the model "
                             f"({cfg.width} wide, {cfg.num_heads} heads, {cfg.img_size}px) expects "
-                            f"{to_torch(np.empty(var.value.shape), cfg).shape}")
-    var.value = jax.numpy.asarray(value, dtype=var.value.dtype)
+                            f"{to_torch(np.empty(var.shape), cfg).shape}")
+    var.set_value(jax.numpy.asarray(value, dtype=var.dtype))
     used.add(name)
   unused = sorted(set(sd) - used)
   unexpected = [k for k in unused if not _is_task(k)]
@@ -419,7 +430,7 @@ def export_state_dict(model: Beit) -> StateDict:
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name, (_, to_torch) = _entry(path)
-    out[name] = np.ascontiguousarray(to_torch(np.asarray(var.value, np.float32), cfg))
+    out[name] = np.ascontiguousarray(to_torch(np.asarray(var.get_value(), np.float32), cfg))
   return out
 
 

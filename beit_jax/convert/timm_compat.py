@@ -1,16 +1,17 @@
-"""Importing timm next to the CPU torch wheel.
+"""Importing timm / transformers next to the CPU build of torch.
 
-The only torchvision that pins torch==2.13.0 on the registries is a CUDA build; its `_meta_registrations`
-registers fakes for `torchvision::nms`/`qnms` without checking that the C++ ops loaded, so `import torchvision`
-(and with it `import timm`) fails with "operator torchvision::nms does not exist". Defining the two op schemas
-first lets it import; BEiT needs none of torchvision's C++ ops. Used by the parity tests and benchmarks only.
+The only torchvision wheel on the package index is a CUDA build whose C++ ops cannot load with the CPU torch;
+its import then dies registering fake kernels for `torchvision::nms` and `qnms`, ops that never got defined.
+timm and transformers' vision models import torchvision, so both fail. Defining those two schemas first lets
+torchvision import; BEiT needs none of its C++ ops. Used by the parity tests, the benchmarks and conversion
+scripts, never by the model code.
 """
-
 
 _LIBRARY = None  # kept alive: torch drops a Library's definitions when the object is collected
 
 
-def import_timm():
+def install_torchvision_shim() -> None:
+  """Makes `import torchvision` work with the CPU torch (idempotent; harmless with a matching torchvision)."""
   global _LIBRARY  # pylint: disable=global-statement
   import torch  # pylint: disable=import-outside-toplevel
   if _LIBRARY is None:
@@ -20,5 +21,15 @@ def import_timm():
       _LIBRARY.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     except RuntimeError:  # already defined (a real torchvision, or a second call)
       pass
+
+
+def import_timm():
+  install_torchvision_shim()
   import timm  # pylint: disable=import-outside-toplevel
   return timm
+
+
+def import_transformers():
+  install_torchvision_shim()
+  import transformers  # pylint: disable=import-outside-toplevel
+  return transformers

@@ -135,18 +135,18 @@ class Attention(nnx.Module):
 
   def __call__(self, x, shared_bias=None):
     dt = self.dtype
-    qkv = jnp.einsum("btd,dshk->sbthk", x.astype(dt), self.qkv.value.astype(dt))
+    qkv = jnp.einsum("btd,dshk->sbthk", x.astype(dt), self.qkv[...].astype(dt))
     q, k, v = qkv[0], qkv[1], qkv[2]
     if self.q_bias is not None:
-      q = q + self.q_bias.value.astype(dt)
-      v = v + self.v_bias.value.astype(dt)
+      q = q + self.q_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
     bias = shared_bias
     if self.rel_pos is not None:
       bias = self.rel_pos() if bias is None else bias + self.rel_pos()
     if bias is not None:
       bias = bias[None].astype(dt)  # [1, H, T, T]: the layout cuDNN can also differentiate
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.scale, implementation=self.impl)
-    return jnp.einsum("bthk,hkd->btd", out, self.proj.value.astype(dt)) + self.proj_bias.value.astype(dt)
+    return jnp.einsum("bthk,hkd->btd", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
 
 class Mlp(nnx.Module):
@@ -183,7 +183,7 @@ class Block(nnx.Module):
 
   def _residual(self, x, y, gamma):
     if gamma is not None:
-      y = y * gamma.value.astype(y.dtype)
+      y = y * gamma[...].astype(y.dtype)
     if self.drop_path is not None:
       y = self.drop_path(y)
     return x + y
@@ -250,15 +250,15 @@ class Beit(nnx.Module):
     gh, gw = self.config.grid
     x = images.astype(dt).reshape(b, gh, p, gw, p, self.config.in_chans)
     # A stride-p conv with a p x p kernel is one matmul over the flattened patches.
-    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.patch_kernel.value.astype(dt)).reshape(b, gh * gw, -1)
-    x = x + self.patch_bias.value.astype(dt)
+    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.patch_kernel[...].astype(dt)).reshape(b, gh * gw, -1)
+    x = x + self.patch_bias[...].astype(dt)
     if bool_masked_pos is not None:
       mask = bool_masked_pos.reshape(b, gh * gw, 1).astype(bool)
-      x = jnp.where(mask, self.mask_token.value.astype(dt), x)
-    cls = jnp.broadcast_to(self.cls_token.value.astype(dt), (b, 1, x.shape[-1]))
+      x = jnp.where(mask, self.mask_token[...].astype(dt), x)
+    cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
     if self.pos_embed is not None:
-      x = x + self.pos_embed.value.astype(dt)
+      x = x + self.pos_embed[...].astype(dt)
     return x
 
   def encode(self, images, bool_masked_pos=None, *, return_hidden_states: bool = False):

@@ -89,7 +89,7 @@ class LayerNorm(nnx.Module):
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
 
 
@@ -103,8 +103,8 @@ class Dense(nnx.Module):
     self.bias = param(rngs, bias_init, (dout,), (axes[1],), param_dtype)
 
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
-    return y + self.bias.value.astype(self.dtype)
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,4 +143,4 @@ class RelativePositionBias(nnx.Module):
 
   def __call__(self):
     index = relative_position_index(self.grid)
-    return jnp.transpose(self.table.value[index], (2, 0, 1))
+    return jnp.transpose(self.table[...][index], (2, 0, 1))

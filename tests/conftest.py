@@ -1,0 +1,57 @@
+"""Shared test set-up.
+
+Eight virtual CPU devices let the sharding tests build real meshes on this machine; the flag must be set
+before jax is imported anywhere, which conftest.py guarantees.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+
+import numpy as np  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def timm():
+  from beit_jax.convert.timm_compat import import_timm  # pylint: disable=import-outside-toplevel
+  return import_timm()
+
+
+def randomize_torch(module, seed: int = 0):
+  """Fills every parameter with random values of a realistic scale, so parity tests compare real numbers
+  (zero-initialised tables, unit norms and 0.001 heads would hide layout mistakes)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      r = torch.randn(p.shape, generator=gen)
+      if "relative_position_bias_table" in name:
+        p.copy_(0.5 * r)
+      elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
+        p.copy_(1.0 + 0.1 * r)
+      elif name.rsplit(".", 1)[-1] in ("gamma_1", "gamma_2", "lambda_1", "lambda_2"):
+        p.copy_(0.5 + 0.1 * r)
+      else:
+        p.copy_(0.1 * r)
+  return module.eval()
+
+
+def torch_state_dict(module) -> dict:
+  return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def max_abs_diff(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape, (a.shape, b.shape)
+  return float(np.max(np.abs(a - b)))
+
+
+def assert_parity(ours, ref, atol: float = 1e-5, what: str = "output"):
+  """Asserts max |ours - ref| <= atol on an output of magnitude ~1 (checked, so atol means something)."""
+  ours, ref = np.asarray(ours), np.asarray(ref)
+  scale = float(np.max(np.abs(ref)))
+  diff = max_abs_diff(ours, ref)
+  print(f"{what}: max abs diff {diff:.3g} (max |ref| {scale:.3g})")
+  assert 0.1 < scale < 100, f"{what}: reference magnitude {scale} makes the tolerance meaningless"
+  assert diff <= atol, f"{what}: max abs diff {diff} > {atol}"
