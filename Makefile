@@ -23,7 +23,7 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n 2 --durations=10 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest tests -n 2

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from beit_jax.models import posemb
-from beit_jax.models.beit import Beit, BeitConfig
+from beit_jax.models.beit import Beit, BeitConfig, make_rngs
 from beit_jax.models.layers import num_relative_positions
 
 log = logging.getLogger(__name__)
@@ -369,12 +369,12 @@ def load_state_dict(sd: Mapping[str, np.ndarray], cfg: BeitConfig | None = None,
 
   Backbone tensors must match exactly (a mismatch names the tensor and both shapes). Task tensors (heads,
   final norms, mask token) that the target config lacks are dropped, and those it has but the checkpoint
-  lacks are freshly initialised; both are logged.
+  lacks, or has in another shape (a head with another class count), are freshly initialised; both are logged.
   """
   sd = to_timm_names(sd)
   cfg = cfg or infer_config(sd)
   sd = _adapt(sd, cfg, rel_pos_interp)
-  model = Beit(cfg, rngs=nnx.Rngs(seed))
+  model = Beit(cfg, rngs=make_rngs(seed))
   state = nnx.state(model, nnx.Param)
   flat = nnx.to_flat_state(state)
   used, fresh = set(), []
@@ -387,6 +387,9 @@ def load_state_dict(sd: Mapping[str, np.ndarray], cfg: BeitConfig | None = None,
       raise ConversionError(f"checkpoint has no tensor {name!r} for parameter {'/'.join(map(str, path))} "
                             f"(expected shape {to_torch(np.empty(var.shape), cfg).shape})")
     value = to_ours(np.asarray(sd[name], np.float32), cfg) if sd[name].size == var.size else None
+    if (value is None or value.shape != var.shape) and _is_task(name):
+      fresh.append(name)  # e.g. a 21841-class head under a 1000-class model: a new head, as unilm does
+      continue
     if value is None or value.shape != var.shape:
       raise ConversionError(f"tensor {name!r} has shape {tuple(sd[name].shape)} but the model "
                             f"({cfg.width} wide, {cfg.num_heads} heads, {cfg.img_size}px) expects "
@@ -399,9 +402,9 @@ def load_state_dict(sd: Mapping[str, np.ndarray], cfg: BeitConfig | None = None,
     raise ConversionError(f"checkpoint tensors not used by the model {cfg.img_size}px/{cfg.depth} blocks: "
                           f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
   if unused:
-    log.info("dropped task tensors not in the target model: %s", unused)
+    log.warning("dropped checkpoint task tensors the target model does not use: %s", unused)
   if fresh:
-    log.info("initialised task parameters absent from the checkpoint: %s", fresh)
+    log.warning("freshly initialised task parameters (absent from the checkpoint, or another shape): %s", fresh)
   nnx.update(model, nnx.from_flat_state(flat))
   return model
 

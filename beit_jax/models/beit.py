@@ -105,6 +105,13 @@ class BeitConfig:
     return dataclasses.asdict(self)
 
 
+def make_rngs(seed: int) -> nnx.Rngs:
+  """Separate `params` and `dropout` streams: the weights a seed gives do not depend on drop_path_rate (a
+  Dropout forks its stream at construction, which would advance a shared one)."""
+  key = jax.random.key(seed)
+  return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1))
+
+
 def _weight_init(cfg: BeitConfig) -> layers.Initializer:
   # unilm pre-training wraps trunc_normal_ with a=-std, b=std (+-1 sigma); fine-tuning uses timm's absolute
   # bounds of +-2, i.e. +-100 sigma at std 0.02, a plain normal in practice.

@@ -14,7 +14,7 @@ from typing import Any
 
 from flax import nnx
 
-from beit_jax.models.beit import Beit, BeitConfig
+from beit_jax.models.beit import Beit, BeitConfig, make_rngs
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
 
@@ -58,4 +58,4 @@ def get_config(name: str, **overrides) -> BeitConfig:
 
 def create_model(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, **overrides) -> Beit:
   """Builds a named variant, e.g. `create_model("beit_base_patch16_224", num_classes=1000)`."""
-  return Beit(get_config(name, **overrides), rngs=rngs if rngs is not None else nnx.Rngs(seed))
+  return Beit(get_config(name, **overrides), rngs=rngs if rngs is not None else make_rngs(seed))

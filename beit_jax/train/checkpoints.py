@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from beit_jax.models.beit import Beit, BeitConfig
+from beit_jax.models.beit import Beit, BeitConfig, make_rngs
 
 
 def _manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
@@ -40,8 +40,10 @@ def load_model(directory: str | pathlib.Path, step: int | None = None, **overrid
       raise FileNotFoundError(f"no complete checkpoint step in {directory}")
     meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
     cfg = BeitConfig(**meta["model_config"]).replace(**overrides)
-    abstract = nnx.eval_shape(lambda: Beit(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    create = lambda: nnx.split(Beit(cfg, rngs=make_rngs(0)), nnx.Param, ...)
+    graphdef, params, _ = nnx.eval_shape(create)  # shapes only: the weights come from the checkpoint
+    # The non-parameter state (drop-path RNG streams) must be real; under jit XLA drops the unused weight init.
+    rest = jax.jit(lambda: create()[2])()
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
   nnx.replace_by_pure_dict(params, restored["params"])
