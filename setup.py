@@ -33,7 +33,8 @@ setuptools.setup(
         # Only for weight conversion from PyTorch pickles and for the parity tests / benchmarks.
         # Install torch first (`pip install torch==<cpu build>`), or pip may pull a CUDA torch.
         "torch": ["torch>=2.4", "timm>=1.0.15", "transformers>=4.46", "safetensors>=0.4"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # scikit-image ships the real photos used by tests, examples and colabs (skimage.data).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.24"],
     },
     entry_points={
         "console_scripts": [
