@@ -10,9 +10,17 @@ STAMP := $(VENV)/.installed
 # CI=true (set by .ci/run) runs the fast suite; the `slow` marker is for heavy tests run by hand.
 PYTEST_ARGS ?= $(if $(filter true,$(CI)),-m "not slow",)
 
-.PHONY: venv test test-all bench clean
+FMNIST := /usr/share/datasets/fashion-mnist
+.PHONY: venv data test test-all bench clean
 
 venv: $(STAMP)
+
+# Fashion-MNIST, the real data of the demo and tests, from the Debian package (no network at run time).
+data: $(FMNIST)/train-images-idx3-ubyte.gz
+$(FMNIST)/train-images-idx3-ubyte.gz:
+	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
+	elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; \
+	else echo "Fashion-MNIST missing: run 'apt-get install -y dataset-fashion-mnist' as root" >&2; exit 1; fi
 
 # torch==2.13.0 (the CPU wheel on these machines) goes in first, and every later install is constrained to
 # it: timm -> torchvision would otherwise replace it with a CUDA build and gigabytes of nvidia packages.
@@ -22,10 +30,10 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[torch,test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest tests -n 2 --durations=10 $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) data
 	$(PY) -m pytest tests -n 2
 
 bench: $(STAMP)

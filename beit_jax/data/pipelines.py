@@ -1,0 +1,212 @@
+"""tf.data pipelines for every loop: pre-training, fine-tuning, evaluation. Host-local numpy batches out.
+
+  source = sources.get_source("tfds:imagenet2012", "train")
+  batches = train_batches(source, pretrain_transform(seed=0), host_batch=256, seed=0, start_step=step,
+                          masks=MaskSpec(grid=(14, 14)))
+  batch = next(batches)  # {"image", "tokenizer_image", "mask", "label", "index", "skipped"}: numpy arrays
+
+Multi-host: each host reads shard (jax.process_index() of jax.process_count()) and makes batches of
+global_batch / process_count; `device.global_batches` turns them into global arrays on the mesh.
+
+Steps and resume: a training epoch is `steps_per_epoch = (num_examples // num_hosts) // host_batch` steps on
+every host (the same number everywhere, or multi-host collectives would hang); the examples of a host's shard
+beyond that are left out of that epoch (each epoch has a new order, so none is left out for ever). A run
+resumed at step s starts epoch s // steps_per_epoch after skipping the first (s % steps_per_epoch) * host_batch
+valid examples of that epoch's order (random-access sources skip indices without reading them; tfds record
+files and image folders read the skipped records but do not decode them): no example of the epoch is repeated or skipped, and masks and augmentations
+are the same as in the uninterrupted run (pure functions of seed, epoch and example index).
+
+Bad input: an encoded image without a JPEG/PNG/GIF/BMP signature is skipped and counted (the batch's
+"skipped" is the running count of this host's epoch); one with a valid signature that still fails to decode is
+skipped with a logged warning (tf.data's ignore_errors). A host whose shard runs short repeats it, so every
+host still yields exactly steps_per_epoch batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from beit_jax.data import augment, masking
+from beit_jax.data.sources import Source
+
+IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # BEiT's default normalisation (and its checkpoints')
+Example = dict[str, tf.Tensor]
+Transform = Callable[[Example, tf.Tensor], Example]  # (decoded example with float image, epoch) -> example
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  index: int = 0
+  count: int = 1
+
+  @classmethod
+  def of_this_process(cls) -> "Shard":
+    import jax  # pylint: disable=import-outside-toplevel
+    return cls(jax.process_index(), jax.process_count())
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """Which masks a pre-training batch carries (see masking.py); `kind` is "blockwise" or "random"."""
+  grid: tuple[int, int] = (14, 14)
+  num_masked: int = 75
+  min_block: int = 16
+  min_aspect: float = 0.3
+  kind: str = "blockwise"
+
+  def make(self, seed: int, indices: np.ndarray, epoch: int) -> np.ndarray:
+    if self.kind == "blockwise":
+      return masking.blockwise_masks(seed, indices, self.grid, self.num_masked, self.min_block, self.min_aspect,
+                                     epoch=epoch)
+    if self.kind == "random":
+      return masking.random_masks(seed, indices, self.grid, self.num_masked, epoch=epoch)
+    raise ValueError(f"mask kind {self.kind!r}: use one of {sorted(masking.MASKERS)}")
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def _has_image_signature(data: tf.Tensor) -> tf.Tensor:
+  ok = tf.io.is_jpeg(data)
+  for sig in _SIGNATURES:
+    ok |= tf.equal(tf.strings.substr(data, 0, len(sig)), sig)
+  return ok
+
+
+def decoded(ds: tf.data.Dataset, encoded: bool, channels: int = 3, skip: int = 0) -> tf.data.Dataset:
+  """Examples with a float32 [0, 1] image of `channels` channels and a running count of skipped files.
+
+  `skip` drops that many *valid* examples first (a resume), so files rejected by their signature do not
+  shift a resumed run against the uninterrupted one; they are read for the check, but not decoded.
+  """
+  if encoded:
+    ds = ds.map(lambda ex: {**ex, "ok": _has_image_signature(ex["image_bytes"])})
+    ds = ds.scan(tf.constant(0, tf.int32),
+                 lambda n, ex: (n + tf.cast(~ex["ok"], tf.int32), {**ex, "skipped": n + tf.cast(~ex["ok"], tf.int32)}))
+    ds = ds.filter(lambda ex: ex["ok"]).skip(skip)
+
+    def decode(ex):
+      image = tf.io.decode_image(ex["image_bytes"], channels=channels, expand_animations=False)
+      return {"image": augment.to_float(image, channels), "label": ex["label"], "index": ex["index"],
+              "skipped": ex["skipped"]}
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.ignore_errors(log_warning=True)
+  return ds.skip(skip).map(lambda ex: {"image": augment.to_float(ex["image"], channels), "label": ex["label"],
+                                      "index": ex["index"], "skipped": tf.constant(0, tf.int32)},
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+# -- per-example transforms -----------------------------------------------------------------------------------
+def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int = 112,
+                       tokenizer_resize: str = "lanczos3", color_jitter: float = 0.4,
+                       mean_std=INCEPTION, scale=(0.08, 1.0)) -> Transform:
+  """BEiT pre-training: colour jitter, flip, ONE random-resized crop resized twice.
+
+  "image": the model view (image_size, bicubic, normalised); "tokenizer_image": the tokenizer view
+  (tokenizer_size, `tokenizer_resize`, in [0, 1]; each tokenizer applies its own input mapping, e.g.
+  DALL-E's 0.1 + 0.8x).
+  """
+  def fn(ex, epoch):
+    s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 3)
+    image = ex["image"]
+    if color_jitter > 0:
+      image = augment.color_jitter(image, s[0], color_jitter)
+    image = augment.random_flip(image, s[1])
+    box = augment.random_resized_crop_box(s[2], tf.shape(image)[0], tf.shape(image)[1], scale=scale)
+    view = augment.normalize(augment.crop_resize(image, box, image_size, "bicubic"), *mean_std)
+    return {**ex, "image": view, "tokenizer_image": augment.crop_resize(image, box, tokenizer_size, tokenizer_resize)}
+  return fn
+
+
+def finetune_transform(*, seed: int, image_size: int = 224, rand_augment: Optional[tuple[int, float, float]] = (2, 9.0, 0.5),
+                       erase_prob: float = 0.25, mean_std=INCEPTION, scale=(0.08, 1.0)) -> Transform:
+  """BEiT fine-tuning (timm create_transform): random-resized crop, flip, RandAugment (num_ops, magnitude,
+  magnitude_std), normalise, random erasing. Mixup/CutMix run on device (mixup.py)."""
+  def fn(ex, epoch):
+    s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 4)
+    image = ex["image"]
+    box = augment.random_resized_crop_box(s[0], tf.shape(image)[0], tf.shape(image)[1], scale=scale)
+    image = augment.random_flip(augment.crop_resize(image, box, image_size, "bicubic"), s[1])
+    if rand_augment:
+      image = augment.rand_augment(image, s[2], *rand_augment)
+    image = augment.normalize(image, *mean_std)
+    if erase_prob > 0:
+      image = augment.random_erasing(image, s[3], erase_prob)
+    return {**ex, "image": image}
+  return fn
+
+
+def eval_transform(*, image_size: int = 224, crop_pct: Optional[float] = None, mean_std=INCEPTION) -> Transform:
+  """Resize to image_size / crop_pct, centre crop (crop_pct 0.875 below 384 px, 1.0 from 384 px up)."""
+  crop_pct = crop_pct or (0.875 if image_size < 384 else 1.0)
+
+  def fn(ex, epoch):
+    del epoch
+    return {**ex, "image": augment.normalize(augment.resize_center_crop(ex["image"], image_size, crop_pct),
+                                             *mean_std)}
+  return fn
+
+
+# -- batching ------------------------------------------------------------------------------------------------------
+def steps_per_epoch(source: Source, host_batch: int, num_hosts: int = 1) -> int:
+  steps = (source.num_examples // num_hosts) // host_batch
+  if steps < 1:
+    raise ValueError(f"batch of {host_batch} per host x {num_hosts} hosts is larger than {source.name} "
+                     f"split {source.split!r} ({source.num_examples} examples): lower the batch size")
+  return steps
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def train_batches(source: Source, transform: Transform, *, host_batch: int, seed: int, start_step: int = 0,
+                  shard: Shard = Shard(), masks: Optional[MaskSpec] = None, channels: int = 3,
+                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """Endless host-local training batches from `start_step` on (see the module docstring)."""
+  spe = steps_per_epoch(source, host_batch, shard.count)
+  epoch, offset = divmod(int(start_step), spe)
+  while True:
+    raw = source.read(shard_index=shard.index, shard_count=shard.count, shuffle=True, seed=seed, epoch=epoch)
+    # repeat(): a shard shortened by bad files wraps around, so every host yields exactly `spe` batches.
+    ds = decoded(raw, source.encoded, channels, skip=offset * host_batch).repeat()
+    ds = ds.map(lambda ex, e=epoch: transform(ex, tf.constant(e, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    ds = ds.batch(host_batch, drop_remainder=True).take(spe - offset)
+    if masks is not None:
+      def add_masks(batch, e=epoch):
+        m = tf.numpy_function(lambda idx: masks.make(seed, idx, e), [batch["index"]], tf.bool, stateful=False)
+        return {**batch, "mask": tf.ensure_shape(m, (host_batch, *masks.grid))}
+      ds = ds.map(add_masks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda b, e=epoch: {**b, "epoch": tf.fill([host_batch], tf.constant(e, tf.int32))})
+    yield from tfds.as_numpy(ds.with_options(_options()).prefetch(prefetch))
+    epoch, offset = epoch + 1, 0
+
+
+def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard: Shard = Shard(),
+                 channels: int = 3) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the split, each example exactly once across hosts; every host yields the same number of
+  batches, padded with `valid=False` rows (weight metrics by `valid`)."""
+  num_batches = math.ceil(math.ceil(source.num_examples / shard.count) / host_batch)
+  ds = decoded(source.read(shard_index=shard.index, shard_count=shard.count), source.encoded, channels)
+  ds = ds.map(lambda ex: {**transform(ex, tf.constant(0, tf.int64)), "valid": tf.constant(True)},
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  spec = ds.element_spec
+  pad = {k: tf.zeros(v.shape, v.dtype) for k, v in spec.items()}
+  pad["valid"] = tf.constant(False)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * host_batch)
+  return iter(tfds.as_numpy(ds.batch(host_batch).with_options(_options()).prefetch(2)))
+
+
+def num_eval_batches(source: Source, host_batch: int, num_hosts: int = 1) -> int:
+  return math.ceil(math.ceil(source.num_examples / num_hosts) / host_batch)

@@ -1,0 +1,193 @@
+"""Where examples come from: tfds datasets by name, a folder of images, Fashion-MNIST from local IDX files.
+
+Every source yields, for one host's shard of one epoch, a tf.data.Dataset of
+  {"image": uint8 [H, W, C] (decoded sources) or "image_bytes": encoded string (JPEG/PNG sources),
+   "label": int32, "index": int64}
+where `index` is a stable id of the example (its position, or a hash of its tfds id / file path): masks and
+augmentation draws are pure functions of (seed, epoch, index), so they do not depend on how hosts split work.
+
+Order: an epoch's order is a pure function of (seed, epoch). Sources with random access (the IDX files and
+image folders) shuffle a list of indices (so `skip` costs nothing); tfds record files are read with a seeded
+file shuffle and a seeded shuffle buffer.
+
+A source is named by a spec string (the `data.source` config key):
+  "fashion_mnist_files[:DIR]"  the four IDX files tfds downloads (Debian: dataset-fashion-mnist), no network
+  "folder:ROOT"                ROOT/<split>/<class>/<image> (tfds.ImageFolder's layout; gs:// paths work)
+  "tfds:NAME" or "NAME"        tfds.builder(NAME, data_dir=data_dir), prepared beforehand
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def epoch_permutation(num: int, seed: int, epoch: int) -> np.ndarray:
+  """The order of an epoch: the same on every host, a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num)
+
+
+def shard_of(indices: np.ndarray, shard_index: int, shard_count: int) -> np.ndarray:
+  """Host `shard_index`'s examples: a strided slice, so shards differ in size by at most one."""
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} must be in [0, {shard_count})")
+  return indices[shard_index::shard_count]
+
+
+@dataclasses.dataclass
+class Source:
+  """A split of a data set: its size, classes, and a way to read one host's shard of one epoch."""
+  name: str
+  split: str
+  num_examples: int
+  num_classes: int
+  encoded: bool  # "image_bytes" (needs decoding) rather than "image"
+  _read: Callable[..., tf.data.Dataset]
+
+  def read(self, *, shard_index: int = 0, shard_count: int = 1, shuffle: bool = False, seed: int = 0,
+           epoch: int = 0, skip: int = 0) -> tf.data.Dataset:
+    """One epoch of this host's shard, in the epoch's order, starting after its first `skip` examples."""
+    return self._read(shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, seed=seed, epoch=epoch,
+                      skip=skip)
+
+  def shard_size(self, shard_index: int, shard_count: int) -> int:
+    return len(range(shard_index, self.num_examples, shard_count))
+
+
+def _indexed(num: int, make: Callable[[tf.data.Dataset], tf.data.Dataset]):
+  """A reader for random-access sources: shuffle indices, shard, skip, then load only what is read."""
+  def read(*, shard_index, shard_count, shuffle, seed, epoch, skip):
+    order = epoch_permutation(num, seed, epoch) if shuffle else np.arange(num)
+    mine = shard_of(order, shard_index, shard_count)[skip:]
+    return make(tf.data.Dataset.from_tensor_slices(mine.astype(np.int64)))
+  return read
+
+
+# -- Fashion-MNIST from the IDX files ---------------------------------------------------------------------------
+def _read_idx(path: pathlib.Path) -> np.ndarray:
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: install the Debian package dataset-fashion-mnist "
+                            f"(apt-get install -y dataset-fashion-mnist) or pass fashion_mnist_files:DIR")
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  magic = int.from_bytes(data[:4], "big")
+  if magic >> 8 != 0x08:  # unsigned byte data
+    raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {magic:#x})")
+  ndim = magic & 0xFF
+  shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
+  for name in (stem + ".gz", stem):
+    if (directory / name).exists():
+      return directory / name
+  return directory / (stem + ".gz")  # for the error message
+
+
+def fashion_mnist_files(split: str, directory: str = FASHION_MNIST_DIR) -> Source:
+  prefix = {"train": "train", "test": "t10k"}.get(split)
+  if prefix is None:
+    raise ValueError(f"fashion_mnist_files has splits 'train' and 'test', not {split!r}")
+  d = pathlib.Path(directory)
+  images = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[..., None]  # [N, 28, 28, 1]
+  labels = _read_idx(_find(d, f"{prefix}-labels-idx1-ubyte")).astype(np.int32)
+  images_t, labels_t = tf.constant(images), tf.constant(labels)
+
+  def make(ds):
+    return ds.map(lambda i: {"image": tf.gather(images_t, i), "label": tf.gather(labels_t, i), "index": i})
+  return Source(f"fashion_mnist_files:{d}", split, len(labels), 10, False, _indexed(len(labels), make))
+
+
+# -- A folder of images -----------------------------------------------------------------------------------------
+def image_folder(root: str, split: str) -> Source:
+  """ROOT/<split>/<class>/<image>, classes sorted by name (as tfds.ImageFolder)."""
+  split_dir = os.path.join(root, split)
+  if not tf.io.gfile.isdir(split_dir):
+    found = sorted(tf.io.gfile.listdir(root)) if tf.io.gfile.isdir(root) else None
+    raise FileNotFoundError(f"image folder split {split_dir} does not exist"
+                            + (f"; {root} has {found}" if found is not None else f" ({root} is missing too)"))
+  classes = sorted(c.rstrip("/") for c in tf.io.gfile.listdir(split_dir)
+                   if tf.io.gfile.isdir(os.path.join(split_dir, c)))
+  paths, labels = [], []
+  for label, cls in enumerate(classes):
+    for name in sorted(tf.io.gfile.listdir(os.path.join(split_dir, cls))):
+      if name.lower().endswith(_IMAGE_EXTENSIONS):
+        paths.append(os.path.join(split_dir, cls, name))
+        labels.append(label)
+  if not paths:
+    raise FileNotFoundError(f"no images ({', '.join(_IMAGE_EXTENSIONS)}) under {split_dir}/<class>/")
+  paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int32)
+
+  def make(ds):
+    return ds.map(lambda i: {"image_bytes": tf.io.read_file(tf.gather(paths_t, i)),
+                             "label": tf.gather(labels_t, i), "index": i}, num_parallel_calls=tf.data.AUTOTUNE)
+  return Source(f"folder:{root}", split, len(paths), len(classes), True, _indexed(len(paths), make))
+
+
+# -- tfds ---------------------------------------------------------------------------------------------------------
+def tfds_source(name: str, split: str, data_dir: Optional[str] = None) -> Source:
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"unknown tfds dataset {name!r} (data.source): {str(e).splitlines()[0]}") from None
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}: run "
+                            f"tfds.builder({name!r}, data_dir=...).download_and_prepare() first")
+  try:
+    num = builder.info.splits[split].num_examples
+  except KeyError:
+    raise ValueError(f"tfds dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}") from None
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise ValueError(f"tfds dataset {name!r} lacks an 'image' or 'label' feature: {list(features)}")
+  num_classes = features["label"].num_classes
+  # JPEG/PNG-encoded images stay encoded until the pipeline has sharded and skipped: decoding is the cost.
+  encoded = getattr(features["image"], "encoding_format", None) in ("jpeg", "png")
+
+  def read(*, shard_index, shard_count, shuffle, seed, epoch, skip):
+    sub = tfds.even_splits(split, n=shard_count)[shard_index]
+    shuffle_seed = int(np.random.default_rng([seed, epoch, shard_index]).integers(2 ** 31))
+    config = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=shuffle_seed if shuffle else None,
+                             options=_deterministic())
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
+    ds = builder.as_dataset(split=sub, shuffle_files=shuffle, read_config=config, decoders=decoders)
+    if shuffle:
+      ds = ds.shuffle(10_000, seed=shuffle_seed)
+    ds = ds.map(lambda ex: {"image_bytes" if encoded else "image": ex["image"],
+                            "label": tf.cast(ex["label"], tf.int32),
+                            "index": tf.strings.to_hash_bucket_fast(ex["tfds_id"], 2 ** 62)})
+    return ds.skip(skip)
+  return Source(f"tfds:{name}", split, num, num_classes, encoded, read)
+
+
+def _deterministic() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def get_source(spec: str, split: str, data_dir: Optional[str] = None) -> Source:
+  """The source named by `spec` (see the module docstring)."""
+  kind, _, arg = spec.partition(":")
+  if kind == "fashion_mnist_files":
+    return fashion_mnist_files(split, arg or FASHION_MNIST_DIR)
+  if kind == "folder":
+    if not arg:
+      raise ValueError("data.source='folder:ROOT' needs a ROOT")
+    return image_folder(arg, split)
+  if kind == "tfds":
+    return tfds_source(arg, split, data_dir)
+  return tfds_source(spec, split, data_dir)

@@ -1,0 +1,204 @@
+"""Input pipelines on real data: Fashion-MNIST from its IDX files and a folder of PNGs written here."""
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from beit_jax.data import augment, device, mixup, pipelines, sources
+
+MASKS = pipelines.MaskSpec(grid=(4, 4), num_masked=6, min_block=2)
+
+
+@pytest.fixture(scope="module")
+def fmnist_train():
+  return sources.get_source("fashion_mnist_files", "train")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """40 real crops of skimage photos as PNGs in 2 classes, plus one file that is not an image."""
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("images")
+  photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 40), ("val", 11)):
+    for i in range(n):
+      cls = root / split / ("cats" if i % 2 else "people")
+      cls.mkdir(parents=True, exist_ok=True)
+      photo = photos[i % 3]
+      y, x = rng.integers(0, 200, 2)
+      h, w = rng.integers(48, 160, 2)
+      (cls / f"{i:03d}.png").write_bytes(tf.io.encode_png(photo[y:y + h, x:x + w]).numpy())
+  (root / "train" / "cats" / "broken.png").write_bytes(b"this is not an image at all")
+  return root
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_fashion_mnist_files(fmnist_train):
+  assert (fmnist_train.num_examples, fmnist_train.num_classes) == (60000, 10)
+  ex = next(iter(fmnist_train.read().take(1)))
+  assert ex["image"].shape == (28, 28, 1) and ex["image"].dtype == tf.uint8
+  assert int(ex["label"]) == 9 and int(ex["index"]) == 0  # the first training image is an ankle boot
+  assert sources.get_source("fashion_mnist_files", "test").num_examples == 10000
+
+
+def test_pretrain_batches_shapes_ranges_masks(fmnist_train):
+  t = pipelines.pretrain_transform(seed=0, image_size=32, tokenizer_size=16)
+  batch = next(pipelines.train_batches(fmnist_train, t, host_batch=16, seed=0, masks=MASKS))
+  assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert -1.0 <= batch["image"].min() < 0 < batch["image"].max() <= 1.0   # mean = std = 0.5
+  assert batch["tokenizer_image"].shape == (16, 16, 16, 3)
+  assert 0.0 <= batch["tokenizer_image"].min() and batch["tokenizer_image"].max() <= 1.0
+  counts = batch["mask"].reshape(16, -1).sum(1)
+  assert batch["mask"].dtype == bool and counts.min() >= 1 and counts.max() <= 6
+  np.testing.assert_array_equal(batch["mask"], MASKS.make(0, batch["index"], 0))
+  assert batch["label"].dtype == np.int32 and len(set(batch["index"])) == 16
+
+
+def test_deterministic_and_resume_across_epochs(folder):
+  src = sources.get_source(f"folder:{folder}", "train")
+  assert src.num_examples == 41 and src.num_classes == 2
+  t = pipelines.pretrain_transform(seed=1, image_size=32, tokenizer_size=16)
+  run = lambda start: pipelines.train_batches(src, t, host_batch=8, seed=1, start_step=start, masks=MASKS)
+  spe = pipelines.steps_per_epoch(src, 8)
+  assert spe == 5
+  full = take(run(0), 12)
+  assert [b["epoch"][0] for b in full] == [0] * 5 + [1] * 5 + [2] * 2
+  for start in (3, 7):  # inside epoch 0, and in epoch 1 after an epoch boundary
+    resumed = take(run(start), 3)
+    for a, b in zip(full[start:start + 3], resumed):
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"step {start} key {k}")
+  e0 = np.concatenate([b["index"] for b in full[:5]])
+  e1 = np.concatenate([b["index"] for b in full[5:10]])
+  assert len(set(e0)) == 40 and not np.array_equal(e0, e1)  # each epoch its own order
+
+
+def test_broken_file_is_skipped_and_counted(folder):
+  src = sources.get_source(f"folder:{folder}", "train")
+  ev = list(pipelines.eval_batches(src, pipelines.eval_transform(image_size=32), host_batch=64))
+  assert len(ev) == 1
+  assert ev[0]["valid"].sum() == 40 and ev[0]["skipped"].max() == 1
+
+
+def test_host_shards_cover_each_example_once(fmnist_train):
+  src = sources.get_source("fashion_mnist_files", "test")
+  seen, batches = [], []
+  for host in range(3):
+    ev = list(pipelines.eval_batches(src, pipelines.eval_transform(image_size=32), host_batch=1024,
+                                     shard=pipelines.Shard(host, 3)))
+    batches.append(len(ev))
+    for b in ev:
+      assert b["image"].shape == (1024, 32, 32, 3)
+      seen.append(b["index"][b["valid"]])
+      assert not b["image"][~b["valid"]].any()  # padding rows are zeros
+  assert batches == [pipelines.num_eval_batches(src, 1024, 3)] * 3
+  seen = np.concatenate(seen)
+  assert len(seen) == 10000 and len(set(seen)) == 10000
+  # training: the hosts' shards of an epoch are disjoint
+  t = pipelines.finetune_transform(seed=0, image_size=28, rand_augment=None, erase_prob=0.0)
+  per_host = [np.concatenate([b["index"] for b in take(
+      pipelines.train_batches(fmnist_train, t, host_batch=256, seed=0, shard=pipelines.Shard(h, 2)), 3)])
+              for h in range(2)]
+  assert not set(per_host[0]) & set(per_host[1])
+
+
+def test_finetune_transform_and_every_rand_augment_op():
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  image = tf.image.convert_image_dtype(skimage.data.chelsea()[:96, :96], tf.float32)
+  seed = augment.example_seed(0, 0, 5)
+  for name, fn in augment.RAND_AUGMENT_OPS:
+    out = fn(image, tf.constant(9.0), tf.constant(1.0))
+    assert out.shape == image.shape, name
+    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0 + 1e-6, name
+    assert float(tf.reduce_max(tf.abs(out - image))) > 0.01, f"{name} left the image unchanged"
+  out = augment.rand_augment(image, seed)
+  assert out.shape == image.shape
+  t = pipelines.finetune_transform(seed=0, image_size=64)
+  ex = t({"image": image, "label": tf.constant(1), "index": tf.constant(5, tf.int64)}, tf.constant(0, tf.int64))
+  assert ex["image"].shape == (64, 64, 3)
+  again = t({"image": image, "label": tf.constant(1), "index": tf.constant(5, tf.int64)}, tf.constant(0, tf.int64))
+  np.testing.assert_array_equal(ex["image"].numpy(), again["image"].numpy())  # a pure function of the seed
+
+
+def test_random_resized_crop_matches_torchvision_statistics():
+  from beit_jax.convert.timm_compat import install_torchvision_shim  # pylint: disable=import-outside-toplevel
+  install_torchvision_shim()
+  import torch  # pylint: disable=import-outside-toplevel
+  from torchvision.transforms import RandomResizedCrop  # pylint: disable=import-outside-toplevel
+  ours, ref = [], []
+  torch.manual_seed(0)
+  img = torch.zeros(3, 60, 90)
+  for i in range(1000):
+    top, left, h, w = [int(v) for v in augment.random_resized_crop_box(augment.example_seed(0, 0, i), 60, 90)]
+    assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 90 and h > 0 and w > 0
+    ours.append((h * w / 5400, w / h))
+    _, _, h, w = RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+    ref.append((h * w / 5400, w / h))
+  ours, ref = np.array(ours), np.array(ref)
+  print(f"crop area mean: ours {ours[:, 0].mean():.3f} torchvision {ref[:, 0].mean():.3f}")
+  assert abs(ours[:, 0].mean() - ref[:, 0].mean()) < 0.03
+  assert abs(np.log(ours[:, 1]).mean() - np.log(ref[:, 1]).mean()) < 0.05
+  assert ours[:, 0].min() > 0.07
+
+
+def test_eval_center_crop():
+  image = tf.random.stateless_uniform((100, 150, 3), [0, 1])
+  out = augment.resize_center_crop(image, 32, 0.875)
+  assert out.shape == (32, 32, 3)
+
+
+def test_errors_name_what_was_asked(tmp_path, fmnist_train):
+  with pytest.raises(FileNotFoundError, match="split .*nope.* does not exist"):
+    sources.get_source(f"folder:{tmp_path}", "nope")
+  with pytest.raises(ValueError, match="splits 'train' and 'test', not 'validation'"):
+    sources.get_source("fashion_mnist_files", "validation")
+  with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+    sources.get_source(f"fashion_mnist_files:{tmp_path}", "train")
+  with pytest.raises(ValueError, match="unknown tfds dataset 'no_such_dataset_xyz'"):
+    sources.get_source("tfds:no_such_dataset_xyz", "train")
+  with pytest.raises(ValueError, match="lower the batch size"):
+    next(pipelines.train_batches(fmnist_train, pipelines.eval_transform(image_size=28), host_batch=70000, seed=0))
+
+
+def test_mixup_cutmix_pure_function():
+  images = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+  labels = jax.numpy.arange(8) % 5  # image 0 (class 0) is mixed with image 7 (class 2)
+  fn = jax.jit(lambda k: mixup.mixup_cutmix(k, images, labels, 5))
+  x, x_rev = np.asarray(images), np.asarray(images[::-1])
+  kinds = set()
+  for i in range(20):
+    mixed, targets = (np.asarray(a) for a in fn(jax.random.key(i)))
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
+    lam = (targets[0, 0] - 0.1 / 5) / 0.9  # own-class weight = lam * 0.9 + smoothing share
+    from_own = np.isclose(mixed, x).all(-1)
+    if (from_own | np.isclose(mixed, x_rev).all(-1)).all():  # cutmix: every pixel from one of the two
+      kinds.add("cutmix")
+      assert abs(from_own[0].mean() - lam) < 1e-5  # the weight is the true share of own pixels
+    else:
+      kinds.add("mixup")
+      np.testing.assert_allclose(mixed, lam * x + (1 - lam) * x_rev, atol=1e-5)
+  assert kinds == {"cutmix", "mixup"}
+  _, t = mixup.mixup_cutmix(jax.random.key(0), images, labels, 5, prob=0.0)
+  np.testing.assert_allclose(np.asarray(t), np.asarray(mixup.smooth_one_hot(labels, 5)), rtol=1e-6)
+
+
+def test_global_batches_on_a_mesh():
+  mesh = jax.make_mesh((8,), ("data",))
+  host = [{"image": np.full((16, 4, 4, 3), i, np.float32), "label": np.arange(16, dtype=np.int32)} for i in range(3)]
+  out = list(device.global_batches(iter(host), mesh))
+  assert len(out) == 3
+  assert out[1]["image"].shape == (16, 4, 4, 3) and out[1]["image"].sharding.spec == jax.sharding.PartitionSpec(("data",))
+  assert float(out[2]["image"].mean()) == 2.0
+
+
+def test_masking_device_mixup_do_not_import_tensorflow():
+  code = ("import sys, beit_jax.data.masking, beit_jax.data.device, beit_jax.data.mixup; "
+          "assert 'tensorflow' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)
