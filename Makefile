@@ -28,6 +28,8 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[torch,test]'
+	# OpenAI's dall_e, the reference for the DALL-E tokenizer tests; its declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps dall-e==0.1
 	touch $(STAMP)
 
 test: $(STAMP) data

@@ -86,27 +86,35 @@ def blockwise_masks(seed: int, indices: Sequence[int] | np.ndarray, grid: tuple[
   active = np.arange(n)
   while active.size:  # one round per iteration, in lockstep over the masks still growing
     budget = np.minimum(num_masked - count[active], max_block)
+    # A summed-area table per mask makes "how many new patches would this block add" O(1) per attempt.
+    sat = np.zeros((active.size, gh + 1, gw + 1), dtype=np.int32)
+    sat[:, 1:, 1:] = mask[active].cumsum(1, dtype=np.int32).cumsum(2, dtype=np.int32)
     delta = np.zeros(active.size, dtype=np.int64)
     trying = np.arange(active.size)
     for _ in range(_MAX_ATTEMPTS):
       ex = active[trying]
-      k, c = keys[ex], draws[ex]
-      u = [_uniform(k, c + np.uint64(j)) for j in range(4)]
+      u = _uniform(keys[ex, None], draws[ex, None] + np.arange(4, dtype=np.uint64))  # [len(ex), 4]
       draws[ex] += np.uint64(4)
       b = budget[trying]
-      area = min_block + (b - min_block) * u[0]  # random.uniform(min_block, budget), either order
-      aspect = np.exp(log_lo + (log_hi - log_lo) * u[1])
+      area = min_block + (b - min_block) * u[:, 0]  # random.uniform(min_block, budget), either order
+      aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, 1])
       h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, like Python's round
       w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
       fits = (h < gh) & (w < gw)
-      top = np.floor(u[2] * (gh - h + 1)).astype(np.int64)  # random.randint(0, gh - h)
-      left = np.floor(u[3] * (gw - w + 1)).astype(np.int64)
-      block = (((rows >= top[:, None]) & (rows < (top + h)[:, None]))[:, :, None]
-               & ((cols >= left[:, None]) & (cols < (left + w)[:, None]))[:, None, :])
-      new = (block & ~mask[ex]).sum(axis=(1, 2))
+      top = np.floor(u[:, 2] * (gh - h + 1)).astype(np.int64)  # random.randint(0, gh - h)
+      left = np.floor(u[:, 3] * (gw - w + 1)).astype(np.int64)
+      bottom, right = np.minimum(top + h, gh), np.minimum(left + w, gw)
+      top, left = np.minimum(top, gh), np.minimum(left, gw)
+      i = trying
+      covered = sat[i, bottom, right] - sat[i, top, right] - sat[i, bottom, left] + sat[i, top, left]
+      new = h * w - covered
       accept = fits & (new > 0) & (new <= b)
-      mask[ex[accept]] |= block[accept]
-      delta[trying[accept]] = new[accept]
+      if accept.any():
+        a = ex[accept]
+        block = (((rows >= top[accept, None]) & (rows < bottom[accept, None]))[:, :, None]
+                 & ((cols >= left[accept, None]) & (cols < right[accept, None]))[:, None, :])
+        mask[a] |= block
+        delta[trying[accept]] = new[accept]
       trying = trying[~accept]  # the first accepted block ends a round
       if not trying.size:
         break

@@ -163,16 +163,18 @@ def steps_per_epoch(source: Source, host_batch: int, num_hosts: int = 1) -> int:
   return steps
 
 
-def _options() -> tf.data.Options:
+def _options(threads: Optional[int] = None) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
+  if threads:  # leave cores to the training step (GPU/TPU hosts) or measure per core
+    options.threading.private_threadpool_size = threads
   return options
 
 
 def train_batches(source: Source, transform: Transform, *, host_batch: int, seed: int, start_step: int = 0,
                   shard: Shard = Shard(), masks: Optional[MaskSpec] = None, channels: int = 3,
-                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                  prefetch: int = 2, threads: Optional[int] = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless host-local training batches from `start_step` on (see the module docstring)."""
   spe = steps_per_epoch(source, host_batch, shard.count)
   epoch, offset = divmod(int(start_step), spe)
@@ -189,7 +191,7 @@ def train_batches(source: Source, transform: Transform, *, host_batch: int, seed
         return {**batch, "mask": tf.ensure_shape(m, (host_batch, *masks.grid))}
       ds = ds.map(add_masks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(lambda b, e=epoch: {**b, "epoch": tf.fill([host_batch], tf.constant(e, tf.int32))})
-    yield from tfds.as_numpy(ds.with_options(_options()).prefetch(prefetch))
+    yield from tfds.as_numpy(ds.with_options(_options(threads)).prefetch(prefetch))
     epoch, offset = epoch + 1, 0
 
 
