@@ -39,6 +39,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "beit-convert=beit_jax.convert.cli:run",
+            "beit-train=beit_jax.main:cli",
         ],
     },
 )

@@ -41,6 +41,8 @@ for _size, (_w, _d, _h, _ls) in _SIZES.items():
 
 register("beit_test_tiny", img_size=32, patch_size=8, width=32, depth=2, num_heads=2)
 register("beit_test_small", img_size=64, patch_size=8, width=64, depth=4, num_heads=4)
+# The demo's model: Fashion-MNIST at 32 px in 4 px patches (an 8x8 grid), small enough for a 2-core CPU.
+register("beit_fmnist", img_size=32, patch_size=4, width=128, depth=4, num_heads=4)
 
 
 def list_models(pattern: str = "*") -> list[str]:

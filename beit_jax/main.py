@@ -1,0 +1,52 @@
+"""The entry point: `python -m beit_jax.main --config=configs/<file>.py --workdir=DIR [--config.key=value ...]`.
+
+`config.mode` picks the loop (a readable trainer per mode):
+  tokenizer   train a PeCo perceptual VQ tokenizer          beit_jax/train/tokenizer.py
+  pretrain    BEiT / PeCo masked image modeling             beit_jax/train/pretrain.py
+
+Multi-host: with `--distributed` (or BEIT_JAX_DISTRIBUTED=1; on Cloud TPU and SLURM jax finds the rest of the
+set-up itself), `jax.distributed.initialize()` runs before anything touches a device.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_MODES = {  # mode -> module with train_and_evaluate(config, workdir)
+    "tokenizer": "beit_jax.train.tokenizer",
+    "pretrain": "beit_jax.train.pretrain",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go (a rerun resumes from it)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+
+
+def run(config, workdir: str):
+  mode = config.get("mode")
+  if mode not in _MODES:
+    raise ValueError(f"config.mode={mode!r}: use one of {sorted(_MODES)}")
+  return importlib.import_module(_MODES[mode]).train_and_evaluate(config, workdir)
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  if _DISTRIBUTED.value or os.environ.get("BEIT_JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+  logging.info("process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+def cli():  # console script `beit-train`
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,52 @@
+"""Metric writing: clu writers (TensorBoard + console) on process 0, console-only elsewhere.
+
+clu's writers import TensorFlow, so they are imported here, lazily, never by model or step code.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+class _LogWriter:
+  """Console-only fallback where clu/TensorFlow are absent (e.g. a benchmark on synthetic data)."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.5g}" for k, v in sorted(scalars.items())))
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def create_writer(workdir: str):
+  try:
+    from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return _LogWriter()
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+def report_progress(total_steps: int, writer, every_steps: int = 100):
+  try:
+    from clu import periodic_actions  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=every_steps)
+
+
+def mean_of(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
+  """The mean of each metric over the steps since the last report (one device->host transfer)."""
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}

@@ -1,0 +1,231 @@
+"""Masked image modeling pre-training (BEiT, and PeCo with its perceptual tokenizer): one readable loop.
+
+Per step: the frozen tokenizer turns the tokenizer view into target ids (inside the jitted step, no gradient),
+the BEiT model sees the model view with masked patches replaced by the mask token, and the loss is the
+cross-entropy of the masked positions' logits, weighted by the mask and normalised by the global masked
+count (the count varies per image under blockwise masking).
+
+  python -m beit_jax.main --config=configs/fmnist_pretrain.py --workdir=/tmp/beit
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from beit_jax import models, tokenizers
+from beit_jax.train import checkpoints, metrics, optim, sharding
+
+# What every pre-training model is, whatever the named variant (beit/modeling_pretrain.py).
+PRETRAIN_LAYOUT = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mask_token=True,
+                       init_style="pretrain", num_classes=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step: a pure function of (state, batch, tokenizer state)
+# ---------------------------------------------------------------------------------------------------------------
+def mim_loss(logits, targets, weights):
+  """Cross-entropy and accuracy over the masked positions, normalised by the (global) masked count."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  count = weights.sum()
+  denom = jnp.maximum(count, 1.0)  # an all-empty batch cannot happen (masks hold >= 1 patch), but never 0/0
+  correct = ((jnp.argmax(logits, -1) == targets) * weights).sum()
+  return (ce * weights).sum() / denom, correct / denom, count
+
+
+def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, num_predict):
+  tok = nnx.merge(tok_graphdef, tok_state)
+  ids = jax.lax.stop_gradient(tok.encode(batch["tokenizer_image"]))
+  ids = ids.reshape(ids.shape[0], -1)
+
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+
+  def loss_fn(model):
+    logits, positions, weights = model.masked_logits(batch["image"], batch["mask"], num_predict)
+    targets = jnp.take_along_axis(ids, positions, axis=1)
+    loss, acc, count = mim_loss(logits, targets, weights)
+    return loss, (acc, count)
+
+  # nnx.value_and_grad differentiates the Params and carries the drop-path RNG streams, which the forward pass
+  # advances, back into `model`; the updated non-Param state is split out below.
+  (loss, (acc, count)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  _, _, rest = nnx.split(model, nnx.Param, ...)
+  grad_norm = optim.global_norm(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  # A non-finite loss or gradient leaves the state untouched and records the step; the loop stops there.
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  step = state["step"]
+  new_state = {
+      "step": step + 1,
+      "params": keep(params, state["params"]),
+      "opt_state": keep(opt_state, state["opt_state"]),
+      "rest": keep(rest, state["rest"]),
+      "nonfinite_step": jnp.where(~ok & (state["nonfinite_step"] < 0), step, state["nonfinite_step"]),
+  }
+  out = {"loss": loss, "mlm_acc": acc, "grad_norm": grad_norm, "lr": lr_fn(step), "masked": count}
+  return new_state, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up helpers (also used by the tokenizer loop and the fine-tuning loops)
+# ---------------------------------------------------------------------------------------------------------------
+def check_batch(config: ml_collections.ConfigDict, mesh) -> int:
+  """The host-local batch size, after checking the global one divides over devices and hosts."""
+  dp, hosts = sharding.data_parallel_size(mesh), jax.process_count()
+  if config.batch_size % dp:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
+                     f"(config.mesh={dict(config.mesh)}, {jax.device_count()} devices)")
+  if config.batch_size % hosts:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {hosts} processes")
+  return config.batch_size // hosts
+
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+  cfg = dict(config.tokenizer)
+  name = cfg.pop("name")
+  for key in ("encoder", "checkpoint"):
+    if key in cfg and cfg[key] and not pathlib.Path(cfg[key]).exists():
+      raise FileNotFoundError(f"config.tokenizer.{key}={cfg[key]!r} does not exist")
+  return tokenizers.load(name, **cfg)
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> models.BeitConfig:
+  overrides = {**PRETRAIN_LAYOUT, **dict(config.model.get("overrides", {})), "vocab_size": vocab_size}
+  cfg = models.get_config(config.model.name, **overrides)
+  if cfg.img_size != config.data.image_size:
+    raise ValueError(f"config.data.image_size={config.data.image_size} differs from the model's img_size "
+                     f"{cfg.img_size} (config.model.name={config.model.name!r})")
+  return cfg
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  if config.get("total_steps"):
+    return int(config.total_steps)
+  return int(config.epochs * steps_per_epoch)
+
+
+class _Preemption:
+  """SIGTERM (preemption, `kill`) asks the loop to checkpoint and stop at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and stopping after this step")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+
+  workdir = pathlib.Path(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  host_batch = check_batch(config, mesh)
+  tok = load_tokenizer(config)
+  cfg = model_config(config, tok.vocab_size)
+  d = config.data
+  tok_grid = jax.eval_shape(tok.encode, jax.ShapeDtypeStruct((1, d.tokenizer_size, d.tokenizer_size, 3),
+                                                              jnp.float32)).shape[1:]
+  if tuple(tok_grid) != cfg.grid:
+    raise ValueError(f"the tokenizer makes a {tok_grid} grid of ids from config.data.tokenizer_size="
+                     f"{d.tokenizer_size} but the model has a {cfg.grid} grid of patches")
+  mask_spec = pipelines.MaskSpec(grid=cfg.grid, **dict(d.mask))
+  source = sources.get_source(d.source, d.split, d.get("data_dir"))
+  shard = pipelines.Shard.of_this_process()
+  spe = pipelines.steps_per_epoch(source, host_batch, shard.count)
+  steps = total_steps(config, spe)
+
+  graphdef, params, rest = sharding.create_sharded(lambda: models.Beit(cfg, rngs=models.beit.make_rngs(config.seed)),
+                                                   mesh)
+  tx, lr_fn = optim.make(config.optim, params, steps)
+  if config.get("grad_accum", 1) > 1:
+    tx = optax.MultiSteps(tx, config.grad_accum)
+  param_sh = sharding.shardings_of(params)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh))
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  rep = sharding.replicated(mesh)
+  state = {"step": jax.device_put(jnp.int32(0), rep), "params": params, "opt_state": opt_state, "rest": rest,
+           "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
+  tok_graphdef, tok_state = nnx.split(tok)
+  tok_state = jax.device_put(tok_state, rep)
+
+  ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
+  restored = ckpts.restore(state)
+  if restored is not None:
+    state, meta = restored
+    logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
+  start = int(jax.device_get(state["step"]))
+
+  state_sh = sharding.shardings_of(state)
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tok_graphdef=tok_graphdef, tx=tx, lr_fn=lr_fn,
+                        num_predict=mask_spec.num_masked),
+      in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
+
+  transform = pipelines.pretrain_transform(
+      seed=config.seed, image_size=d.image_size, tokenizer_size=d.tokenizer_size,
+      tokenizer_resize=d.tokenizer_resize, color_jitter=d.color_jitter,
+      mean_std=pipelines.INCEPTION if d.mean_std == "inception" else pipelines.IMAGENET_DEFAULT)
+  keys = ("image", "tokenizer_image", "mask")
+  host_batches = ({k: b[k] for k in keys} for b in pipelines.train_batches(
+      source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard, masks=mask_spec,
+      channels=3, threads=d.get("threads")))
+  batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
+
+  writer = metrics.create_writer(str(workdir))
+  if start == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+  progress = metrics.report_progress(steps, writer, config.log_every)
+  preempt = _Preemption()
+  history, last, t0 = [], {}, time.time()
+  meta = lambda s: {"step": s, "model_config": cfg.to_dict()}
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start + 1, steps + 1):
+        state, out = step_fn(state, next(batches), tok_state)
+        history.append(out)
+        if progress is not None:
+          progress(step)
+        if step % config.log_every == 0 or step == steps or preempt.requested:
+          bad = int(jax.device_get(state["nonfinite_step"]))
+          if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {bad + 1}; training stopped and the last checkpoint "
+                f"(step {ckpts.latest_step()}) is intact. Lower config.optim.lr or enable config.optim.clip_grad")
+          last = metrics.mean_of(history)
+          history = []
+          writer.write_scalars(step, last)
+        if step % config.ckpt_every == 0 or step == steps or preempt.requested:
+          ckpts.save(step, state, meta(step))
+        if preempt.requested:
+          break
+  finally:
+    preempt.restore()
+    ckpts.close()
+    writer.flush()
+  logging.info("pre-training done in %.0f s: %s", time.time() - t0, last)
+  return {"state": state, "graphdef": graphdef, "metrics": last, "model_config": cfg}
