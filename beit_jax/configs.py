@@ -29,6 +29,7 @@ def pretrain() -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad": 3.0, "layer_decay": 1.0})
   c.grad_accum = 1
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.num_devices = 0  # 0: all; else the first n (tests compare meshes of different sizes)
   c.log_every = 100
   c.ckpt_every = 5000
   c.keep_checkpoints = 3

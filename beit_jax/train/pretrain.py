@@ -139,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
   host_batch = check_batch(config, mesh)
   tok = load_tokenizer(config)
   cfg = model_config(config, tok.vocab_size)

@@ -1,0 +1,142 @@
+"""The pre-training loop: sharded vs single-device equivalence, exact resume after a kill, stops and errors."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from beit_jax import configs
+from beit_jax.tokenizers import dalle
+from beit_jax.train import pretrain, sharding
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+  """A small DALL-E encoder with random weights: fixed targets for loop mechanics (the demo trains a real one)."""
+  path = tmp_path_factory.mktemp("tok") / "encoder.safetensors"
+  tok = dalle.DalleTokenizer(dalle.DalleConfig(n_hid=64, n_blk_per_group=1, vocab_size=512), decoder=False,
+                             rngs=nnx.Rngs(0))
+  dalle.save_safetensors(tok.encoder, path, "encoder")
+  return path
+
+
+def tiny_config(tokenizer_file, **kw):
+  c = configs.pretrain()
+  c.model.name = "beit_test_tiny"
+  c.model.overrides = {"drop_path_rate": 0.1}
+  c.tokenizer.encoder = str(tokenizer_file)
+  c.data.source = "fashion_mnist_files"
+  c.data.image_size = c.data.tokenizer_size = 32
+  c.data.mask = {"num_masked": 6, "min_block": 2, "min_aspect": 0.3, "kind": "blockwise"}
+  c.batch_size, c.total_steps, c.log_every, c.ckpt_every = 16, 4, 2, 2
+  c.optim.warmup_steps = 1
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def saved_steps(workdir):
+  """Complete checkpoints only: orbax writes a step to a temporary folder and renames it when done."""
+  ckpts = pathlib.Path(workdir) / "checkpoints"
+  return [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+
+
+def params_np(out):
+  return jax.tree.map(np.asarray, jax.device_get(out["state"]["params"]))
+
+
+def test_sharded_equals_single_device(tmp_path, tokenizer_file):
+  one = pretrain.train_and_evaluate(tiny_config(tokenizer_file, mesh={"data": 1}, num_devices=1), tmp_path / "a")
+  many = pretrain.train_and_evaluate(tiny_config(tokenizer_file, mesh={"data": 4, "fsdp": 2}), tmp_path / "b")
+  print("loss one device", one["metrics"]["loss"], "data=4 x fsdp=2", many["metrics"]["loss"])
+  assert abs(one["metrics"]["loss"] - many["metrics"]["loss"]) < 1e-5
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), params_np(one), params_np(many)))
+  assert max(diffs) < 1e-5, max(diffs)
+  fc1 = many["state"]["params"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+  assert fc1.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  per_dev = sharding.per_device_bytes(many["state"]["params"])
+  total = sum(x.nbytes for x in jax.tree.leaves(many["state"]["params"]))
+  print(f"params per device under fsdp=2: {per_dev} of {total} bytes")
+  assert per_dev < 0.6 * total
+
+
+_RUN = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, {tests!r})
+    import test_pretrain
+    from beit_jax.train import pretrain
+    c = test_pretrain.tiny_config({tok!r}, total_steps=12, ckpt_every=2, log_every=2)
+    pretrain.train_and_evaluate(c, {workdir!r})
+""")
+
+
+def test_resume_after_sigkill_is_bitwise_equal(tmp_path, tokenizer_file):
+  ref = pretrain.train_and_evaluate(tiny_config(tokenizer_file, total_steps=12, ckpt_every=2), tmp_path / "ref")
+  workdir = tmp_path / "killed"
+  code = _RUN.format(tests=str(pathlib.Path(__file__).parent), tok=str(tokenizer_file), workdir=str(workdir))
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = saved_steps(workdir)
+    if done and max(done) >= 4:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(saved_steps(workdir))
+  assert killed_at < 12, "the run finished before it could be killed"
+  resumed = pretrain.train_and_evaluate(tiny_config(tokenizer_file, total_steps=12, ckpt_every=2), workdir)
+  for a, b in zip(jax.tree.leaves(params_np(ref)), jax.tree.leaves(params_np(resumed))):
+    np.testing.assert_array_equal(a, b)
+  print(f"killed after checkpoint {killed_at}, resumed, bitwise equal at step 12")
+
+
+def test_sigterm_saves_and_stops(tmp_path, tokenizer_file):
+  workdir = tmp_path / "term"
+  code = _RUN.format(tests=str(pathlib.Path(__file__).parent), tok=str(tokenizer_file), workdir=str(workdir))
+  code = code.replace("ckpt_every=2", "ckpt_every=1000")
+  proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (workdir / "events_seen").exists():
+    if list(workdir.glob("events.out.tfevents*")) and proc.poll() is None:
+      break
+    time.sleep(0.2)
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  steps = saved_steps(workdir)
+  assert steps and max(steps) < 12, steps  # saved where it stopped, not at the end
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, tokenizer_file):
+  c = tiny_config(tokenizer_file, total_steps=6)
+  c.optim.lr = 1e30
+  c.optim.clip_grad = 0.0
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+"):
+    pretrain.train_and_evaluate(c, tmp_path / "nan")
+
+
+def test_config_errors_before_compiling(tmp_path, tokenizer_file):
+  with pytest.raises(ValueError, match=r"config.batch_size=12 is not divisible by the data-parallel size 8"):
+    pretrain.train_and_evaluate(tiny_config(tokenizer_file, batch_size=12), tmp_path / "x")
+  c = tiny_config(tokenizer_file)
+  c.data.image_size = 48
+  with pytest.raises(ValueError, match="config.data.image_size=48"):
+    pretrain.train_and_evaluate(c, tmp_path / "y")
+  c = tiny_config(tokenizer_file)
+  c.tokenizer.encoder = str(tmp_path / "missing.safetensors")
+  with pytest.raises(FileNotFoundError, match="config.tokenizer.encoder"):
+    pretrain.train_and_evaluate(c, tmp_path / "z")
+  c = tiny_config(tokenizer_file)
+  c.data.tokenizer_size = 64
+  with pytest.raises(ValueError, match="config.data.tokenizer_size=64"):
+    pretrain.train_and_evaluate(c, tmp_path / "w")
