@@ -125,6 +125,26 @@ def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int 
   return fn
 
 
+def tokenizer_transform(*, seed: int, image_size: int, scale=(0.35, 1.0)) -> Transform:
+  """Tokenizer training: a random-resized crop (milder than pre-training's: the codebook should see whole
+  objects) and a flip; "image" stays in [0, 1] (the tokenizer maps it inside)."""
+  def fn(ex, epoch):
+    s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 2)
+    image = ex["image"]
+    box = augment.random_resized_crop_box(s[0], tf.shape(image)[0], tf.shape(image)[1], scale=scale)
+    return {**ex, "image": augment.random_flip(augment.crop_resize(image, box, image_size, "bicubic"), s[1])}
+  return fn
+
+
+def plain_transform(*, image_size: int) -> Transform:
+  """Just a resize to image_size x image_size, values kept in [0, 1] (tokenizer evaluation, demos)."""
+  def fn(ex, epoch):
+    del epoch
+    image = tf.image.resize(ex["image"], (image_size, image_size), method="bicubic", antialias=True)
+    return {**ex, "image": tf.clip_by_value(image, 0.0, 1.0)}
+  return fn
+
+
 def finetune_transform(*, seed: int, image_size: int = 224, rand_augment: Optional[tuple[int, float, float]] = (2, 9.0, 0.5),
                        erase_prob: float = 0.25, mean_std=INCEPTION, scale=(0.08, 1.0)) -> Transform:
   """BEiT fine-tuning (timm create_transform): random-resized crop, flip, RandAugment (num_ops, magnitude,

@@ -3,14 +3,15 @@
 each tokenizer applies its own input mapping inside.
 
   tok = tokenizers.load("dalle", encoder="encoder.pkl", decoder="decoder.pkl")
+  tok = tokenizers.load("peco", checkpoint="workdir/tokenizer")     # written by the `tokenizer` loop
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from beit_jax.tokenizers import dalle
+from beit_jax.tokenizers import dalle, saving, vqgan
 
-_LOADERS: dict[str, Callable] = {"dalle": dalle.load}
+_LOADERS: dict[str, Callable] = {"dalle": dalle.load, "peco": saving.load_peco}
 
 
 def load(name: str, **kwargs):
@@ -19,4 +20,4 @@ def load(name: str, **kwargs):
   return _LOADERS[name](**kwargs)
 
 
-__all__ = ["dalle", "load"]
+__all__ = ["dalle", "load", "saving", "vqgan"]

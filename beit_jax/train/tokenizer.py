@@ -1,0 +1,241 @@
+"""PeCo tokenizer training: a VQGAN-style autoencoder with a perceptual loss on a frozen ViT's deep features.
+
+Generator (the tokenizer) loss = pixel + w_p * perceptual + codebook/commitment + lambda * d_factor * (-D(x_hat)),
+with taming's adaptive lambda = ||grad_last(nll)|| / (||grad_last(G)|| + 1e-4) * disc_weight, from the step
+`loss.disc_start` on; the PatchGAN discriminator has its own optimizer and hinge loss. Before disc_start the
+step has no GAN terms at all (a separate, cheaper compiled step).
+
+  python -m beit_jax.main --config=configs/fmnist_tokenizer.py --workdir=/tmp/tok
+
+Writes `workdir/tokenizer` (load with `tokenizers.load("peco", checkpoint=...)`), training checkpoints,
+metrics (PSNR, codebook usage and perplexity on the held-out split) and image summaries.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from beit_jax.tokenizers import discriminator, losses, saving, vqgan
+from beit_jax.train import checkpoints, metrics, optim, pretrain, sharding
+
+
+def psnr(x, y):
+  """PSNR in dB of images in [0, 1] (y clipped to the range), per batch."""
+  mse = jnp.mean(jnp.square(x - jnp.clip(y, 0.0, 1.0)))
+  return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+def _perceptual(config):
+  p = config.loss.perceptual
+  if not config.loss.perceptual_weight:
+    return None
+  kind, what = p.source.split(":", 1) if ":" in p.source else ("name", p.source)
+  make = {"name": losses.PerceptualLoss.from_name, "pytorch": losses.PerceptualLoss.from_pytorch,
+          "checkpoint": losses.PerceptualLoss.from_checkpoint}
+  if kind not in make:
+    raise ValueError(f"config.loss.perceptual.source={p.source!r}: use 'name:MODEL', 'pytorch:PATH' or "
+                     f"'checkpoint:DIR'")
+  if kind != "name" and not pathlib.Path(what).exists():
+    raise FileNotFoundError(f"config.loss.perceptual.source: {what} does not exist")
+  return make[kind](what, tuple(p.layers), model_overrides=dict(p.get("model_overrides", {})))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step (gan=False before loss.disc_start, gan=True after)
+# ---------------------------------------------------------------------------------------------------------------
+def train_step(state, images, perc_state, *, tok_def, disc_def, perceptual, tx_g, tx_d, lr_fn, loss_cfg, gan):
+  tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
+  disc = nnx.merge(disc_def, state["disc_params"], state["disc_rest"])
+  to_disc = lambda x: 2.0 * x - 1.0  # taming's discriminator sees [-1, 1]
+
+  def nll_fn(tok):
+    recon, aux = tok(images)  # train mode: the quantizer's EMA statistics move (once per step, here)
+    pix = losses.pixel_loss(images, recon, loss_cfg.pixel)
+    perc = perceptual(images, recon, perc_state) if perceptual is not None else jnp.float32(0.0)
+    nll = loss_cfg.pixel_weight * pix + loss_cfg.perceptual_weight * perc
+    return nll + loss_cfg.codebook_weight * aux["loss"], (nll, pix, perc, recon, aux)
+
+  (_, (nll, pix, perc, recon, aux)), grads = nnx.value_and_grad(nll_fn, has_aux=True)(tok)
+  out = {"nll": nll, "pixel": pix, "perceptual": perc, "codebook": aux["loss"], "perplexity": aux["perplexity"],
+         "usage": aux["usage"], "psnr": psnr(images, recon), "lr": lr_fn(state["step"])}
+  if gan:
+    def g_fn(tok, disc):  # disc is an argument (not closed over) so nnx carries its BatchNorm statistics out
+      recon, _ = tok(images, update=False)
+      return losses.generator_adv_loss(disc(to_disc(recon)))
+    g_loss, g_grads = nnx.value_and_grad(g_fn, argnums=0)(tok, disc)
+    last = lambda g: g["decoder"]["conv_out"]["kernel"][...]
+    d_weight = losses.adaptive_weight(last(grads), last(g_grads), loss_cfg.disc_weight)
+    grads = jax.tree.map(lambda a, b: a + d_weight * b, grads, g_grads)
+
+    fake = jax.lax.stop_gradient(recon)
+    def d_fn(disc):
+      return losses.hinge_d_loss(disc(to_disc(images)), disc(to_disc(fake)))
+    d_loss, d_grads = nnx.value_and_grad(d_fn)(disc)
+    d_updates, d_opt = tx_d.update(d_grads, state["disc_opt"], state["disc_params"])
+    disc_params = optax.apply_updates(state["disc_params"], d_updates)
+    out.update(g_loss=g_loss, d_loss=d_loss, d_weight=d_weight)
+  else:
+    disc_params, d_opt = state["disc_params"], state["disc_opt"]
+  # The parameters as the forward pass left them: in "l2" mode dead-code restarts rewrite codebook rows there.
+  _, current, _ = nnx.split(tok, nnx.Param, ...)
+  g_updates, g_opt = tx_g.update(grads, state["tok_opt"], current)
+  tok_params = optax.apply_updates(current, g_updates)
+  loss = out["nll"] + loss_cfg.codebook_weight * out["codebook"]
+  ok = jnp.isfinite(loss) & jnp.isfinite(optim.global_norm(grads))
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  _, _, tok_rest = nnx.split(tok, nnx.Param, ...)
+  _, _, disc_rest = nnx.split(disc, nnx.Param, ...)
+  new = {"step": state["step"] + 1, "tok_params": tok_params, "tok_rest": tok_rest, "tok_opt": g_opt,
+         "disc_params": disc_params, "disc_rest": disc_rest, "disc_opt": d_opt}
+  new = {k: v if k == "step" else keep(v, state[k]) for k, v in new.items()}
+  new["nonfinite_step"] = jnp.where(~ok & (state["nonfinite_step"] < 0), state["step"], state["nonfinite_step"])
+  return new, out
+
+
+def eval_step(state, images, valid, *, tok_def):
+  """Per-batch sums for the held-out metrics: squared error, code counts (usage and perplexity)."""
+  tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
+  ids = tok.encode(images)
+  recon = tok.decode(ids)
+  w = valid.astype(jnp.float32)
+  se = (jnp.square(images - recon).mean(axis=(1, 2, 3)) * w).sum()
+  counts = (jax.nn.one_hot(ids.reshape(ids.shape[0], -1), tok.vocab_size) * w[:, None, None]).sum((0, 1))
+  return {"se": se, "n": w.sum(), "counts": counts}
+
+
+def evaluate(eval_fn, state, batches) -> dict[str, float]:
+  se = n = 0.0
+  counts = None
+  for batch in batches:
+    out = jax.device_get(eval_fn(state, batch["image"], batch["valid"]))
+    se, n = se + float(out["se"]), n + float(out["n"])
+    counts = out["counts"] if counts is None else counts + out["counts"]
+  p = counts / max(counts.sum(), 1.0)
+  entropy = -float(np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)))
+  return {"eval_psnr": float(-10 * np.log10(max(se / max(n, 1.0), 1e-10))),
+          "eval_usage": float(np.mean(counts > 0)), "eval_perplexity": float(np.exp(entropy))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+
+  workdir = pathlib.Path(workdir)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
+  host_batch = pretrain.check_batch(config, mesh)
+  tcfg = vqgan.get_config(config.tokenizer.name, **dict(config.tokenizer.get("overrides", {})))
+  d = config.data
+  if d.channels != tcfg.channels:
+    raise ValueError(f"config.data.channels={d.channels} but the tokenizer takes {tcfg.channels} channels "
+                     f"(config.tokenizer.overrides.channels)")
+  perceptual = _perceptual(config)
+  source = sources.get_source(d.source, d.split, d.get("data_dir"))
+  eval_source = sources.get_source(d.source, d.eval_split, d.get("data_dir"))
+  shard = pipelines.Shard.of_this_process()
+  spe = pipelines.steps_per_epoch(source, host_batch, shard.count)
+  steps = pretrain.total_steps(config, spe)
+  seed = config.seed
+  key = jax.random.key(seed)
+
+  tok_def, tok_params, tok_rest = sharding.create_sharded(
+      lambda: vqgan.PecoTokenizer(tcfg, rngs=nnx.Rngs(params=key, codebook=jax.random.fold_in(key, 1))), mesh)
+  disc_cfg = config.loss.disc
+  disc_def, disc_params, disc_rest = sharding.create_sharded(
+      lambda: discriminator.NLayerDiscriminator(tcfg.channels, disc_cfg.ndf, disc_cfg.n_layers,
+                                                rngs=nnx.Rngs(jax.random.fold_in(key, 2))), mesh)
+  tx_g, lr_fn = optim.make(config.optim, tok_params, steps)
+  tx_d, _ = optim.make(config.optim, disc_params, steps)
+  rep = sharding.replicated(mesh)
+
+  def opt_init(tx, params):
+    sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), sharding.shardings_of(params),
+                               transform_non_params=lambda _: rep)
+    with jax.set_mesh(mesh):
+      return jax.jit(tx.init, out_shardings=sh)(params)
+
+  state = {"step": jax.device_put(jnp.int32(0), rep), "tok_params": tok_params, "tok_rest": tok_rest,
+           "tok_opt": opt_init(tx_g, tok_params), "disc_params": disc_params, "disc_rest": disc_rest,
+           "disc_opt": opt_init(tx_d, disc_params), "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
+  ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
+  restored = ckpts.restore(state)
+  if restored is not None:
+    state, _ = restored
+  start = int(jax.device_get(state["step"]))
+
+  perc_state = jax.device_put(perceptual.state, rep) if perceptual is not None else None
+  state_sh = sharding.shardings_of(state)
+  batch_sh = sharding.batch_sharding(mesh)
+  make_step = lambda gan: jax.jit(
+      functools.partial(train_step, tok_def=tok_def, disc_def=disc_def, perceptual=perceptual, tx_g=tx_g, tx_d=tx_d,
+                        lr_fn=lr_fn, loss_cfg=config.loss, gan=gan),
+      in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
+  steps_fn = {False: make_step(False), True: make_step(True)}
+  eval_fn = jax.jit(functools.partial(eval_step, tok_def=tok_def), in_shardings=(state_sh, batch_sh, batch_sh),
+                    out_shardings=rep)
+
+  transform = pipelines.tokenizer_transform(seed=seed, image_size=tcfg.input_size, scale=tuple(d.crop_scale))
+  host_batches = ({"image": b["image"]} for b in pipelines.train_batches(
+      source, transform, host_batch=host_batch, seed=seed, start_step=start, shard=shard, channels=d.channels,
+      threads=d.get("threads")))
+  batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
+
+  def eval_batches():
+    it = pipelines.eval_batches(eval_source, pipelines.plain_transform(image_size=tcfg.input_size),
+                                host_batch=host_batch, shard=shard, channels=d.channels)
+    it = ({"image": b["image"], "valid": b["valid"]} for b in it)
+    return device.global_batches(it, mesh, sharding.BATCH_AXES)
+
+  writer = metrics.create_writer(str(workdir))
+  progress = metrics.report_progress(steps, writer, config.log_every)
+  preempt = pretrain._Preemption()  # pylint: disable=protected-access
+  history, last, t0 = [], {}, time.time()
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start + 1, steps + 1):
+        gan = step > config.loss.disc_start
+        state, out = steps_fn[gan](state, next(batches)["image"], perc_state)
+        history.append(out)
+        if progress is not None:
+          progress(step)
+        if step % config.log_every == 0 or step == steps or preempt.requested:
+          bad = int(jax.device_get(state["nonfinite_step"]))
+          if bad >= 0:
+            raise FloatingPointError(f"non-finite tokenizer loss or gradient at step {bad + 1}; the last checkpoint "
+                                     f"(step {ckpts.latest_step()}) is intact. Lower config.optim.lr")
+          keys = set.intersection(*(set(h) for h in history))
+          last = metrics.mean_of([{k: h[k] for k in keys} for h in history])
+          history = []
+          writer.write_scalars(step, last)
+        if step % config.eval_every == 0 or step == steps:
+          ev = evaluate(eval_fn, state, eval_batches())
+          writer.write_scalars(step, ev)
+          last.update(ev)
+          tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
+          sample = next(eval_batches())["image"][:8]
+          pair = jnp.concatenate([sample, tok.decode(tok.encode(sample))], axis=2)  # original | reconstruction
+          writer.write_images(step, {"reconstructions": np.asarray(jax.device_get(pair))})
+        if step % config.ckpt_every == 0 or step == steps or preempt.requested:
+          ckpts.save(step, state, {"step": step, "tokenizer_config": tcfg.to_dict()})
+        if preempt.requested:
+          break
+  finally:
+    preempt.restore()
+    ckpts.close()
+    writer.flush()
+  tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
+  if int(jax.device_get(state["step"])) == steps:  # every process calls orbax: multi-host saves are collective
+    saving.save_peco(workdir / "tokenizer", tok, step=steps)
+  logging.info("tokenizer training done in %.0f s: %s", time.time() - t0, last)
+  return {"state": state, "tokenizer": tok, "metrics": last}
