@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make test   creates .venv (first time only) and runs the whole test suite
-#   make demo   (arrives with the pre-training issue)
+#   make demo   creates .venv if needed and runs the main job end to end on Fashion-MNIST on CPU
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= $(if $(filter true,$(CI)),-m "not slow",)
 
 FMNIST := /usr/share/datasets/fashion-mnist
-.PHONY: venv data test test-all bench clean
+DEMO_DIR ?= /tmp/beit_demo
+.PHONY: venv data demo test test-all bench clean
 
 venv: $(STAMP)
 
@@ -31,6 +32,9 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	# OpenAI's dall_e, the reference for the DALL-E tokenizer tests; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps dall-e==0.1
 	touch $(STAMP)
+
+demo: $(STAMP) data
+	$(PY) -m beit_jax.demo --workdir=$(DEMO_DIR)
 
 test: $(STAMP) data
 	$(PY) -m pytest tests -n 2 --durations=10 $(PYTEST_ARGS)

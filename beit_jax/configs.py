@@ -33,6 +33,7 @@ def pretrain() -> ml_collections.ConfigDict:
   c.log_every = 100
   c.ckpt_every = 5000
   c.keep_checkpoints = 3
+  c.eval_split = ""  # a held-out split: masked-token accuracy on it at the end of the run ("" = none)
   return c
 
 

@@ -145,6 +145,18 @@ def plain_transform(*, image_size: int) -> Transform:
   return fn
 
 
+def mim_eval_transform(*, image_size: int, tokenizer_size: int, tokenizer_resize: str = "lanczos3",
+                       mean_std=INCEPTION) -> Transform:
+  """Held-out masked-token accuracy: both views of the whole image, no augmentation."""
+  def fn(ex, epoch):
+    del epoch
+    view = lambda size, method: tf.clip_by_value(
+        tf.image.resize(ex["image"], (size, size), method=method, antialias=True), 0.0, 1.0)
+    return {**ex, "image": augment.normalize(view(image_size, "bicubic"), *mean_std),
+            "tokenizer_image": view(tokenizer_size, tokenizer_resize)}
+  return fn
+
+
 def finetune_transform(*, seed: int, image_size: int = 224, rand_augment: Optional[tuple[int, float, float]] = (2, 9.0, 0.5),
                        erase_prob: float = 0.25, mean_std=INCEPTION, scale=(0.08, 1.0)) -> Transform:
   """BEiT fine-tuning (timm create_transform): random-resized crop, flip, RandAugment (num_ops, magnitude,

@@ -78,6 +78,21 @@ def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, nu
   return new_state, out
 
 
+def eval_step(state, batch, tok_state, *, graphdef, tok_graphdef, num_predict, vocab_size):
+  """Held-out sums: correct masked predictions, masked count, and the target histogram (for the baseline of
+  always predicting the most frequent token)."""
+  tok = nnx.merge(tok_graphdef, tok_state)
+  ids = tok.encode(batch["tokenizer_image"]).reshape(batch["mask"].shape[0], -1)
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  model.eval()
+  logits, positions, weights = model.masked_logits(batch["image"], batch["mask"], num_predict)
+  weights = weights * batch["valid"][:, None]
+  targets = jnp.take_along_axis(ids, positions, axis=1)
+  correct = ((jnp.argmax(logits, -1) == targets) * weights).sum()
+  hist = (jax.nn.one_hot(targets, vocab_size) * weights[..., None]).sum((0, 1))
+  return {"correct": correct, "count": weights.sum(), "hist": hist}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up helpers (also used by the tokenizer loop and the fine-tuning loops)
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,5 +242,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preempt.restore()
     ckpts.close()
     writer.flush()
+  if config.get("eval_split") and not preempt.requested:
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, tok_graphdef=tok_graphdef,
+                                        num_predict=mask_spec.num_masked, vocab_size=cfg.vocab_size),
+                      in_shardings=(state_sh, batch_sh, rep), out_shardings=rep)
+    held_out = sources.get_source(d.source, config.eval_split, d.get("data_dir"))
+    it = pipelines.eval_batches(held_out, pipelines.mim_eval_transform(
+        image_size=d.image_size, tokenizer_size=d.tokenizer_size, tokenizer_resize=d.tokenizer_resize,
+        mean_std=pipelines.INCEPTION if d.mean_std == "inception" else pipelines.IMAGENET_DEFAULT),
+        host_batch=host_batch, shard=shard)
+    it = ({"image": b["image"], "tokenizer_image": b["tokenizer_image"], "valid": b["valid"].astype(np.float32),
+           "mask": mask_spec.make(config.seed + 1, b["index"], 0)} for b in it)
+    sums = None
+    with jax.set_mesh(mesh):
+      for batch in device.global_batches(it, mesh, sharding.BATCH_AXES):
+        out = jax.device_get(eval_fn(state, batch, tok_state))
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    last.update(eval_mlm_acc=float(sums["correct"] / sums["count"]),
+                eval_most_frequent_acc=float(sums["hist"].max() / sums["count"]),
+                eval_chance=1.0 / cfg.vocab_size)
+    writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
   logging.info("pre-training done in %.0f s: %s", time.time() - t0, last)
   return {"state": state, "graphdef": graphdef, "metrics": last, "model_config": cfg}

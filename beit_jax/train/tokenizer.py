@@ -234,8 +234,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preempt.restore()
     ckpts.close()
     writer.flush()
+  finished = int(jax.device_get(state["step"])) == steps
+  if finished and "eval_psnr" not in last:  # a rerun of a finished run still reports
+    with jax.set_mesh(mesh):
+      last.update(evaluate(eval_fn, state, eval_batches()))
   tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
-  if int(jax.device_get(state["step"])) == steps:  # every process calls orbax: multi-host saves are collective
-    saving.save_peco(workdir / "tokenizer", tok, step=steps)
+  out_dir = workdir / "tokenizer"
+  if finished and not (out_dir / str(steps)).exists():  # every process calls orbax: multi-host saves are collective
+    saving.save_peco(out_dir, tok, step=steps)
   logging.info("tokenizer training done in %.0f s: %s", time.time() - t0, last)
   return {"state": state, "tokenizer": tok, "metrics": last}

@@ -1,0 +1,46 @@
+"""Every config file loads, names a known loop, and documents its run command; the entry point rejects bad keys."""
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from beit_jax import main as entry
+from beit_jax.models import registry
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
+
+
+def load(path, arg="/nonexistent"):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module, module.get_config(arg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_is_complete(path):
+  module, c = load(path)
+  assert c.mode in entry._MODES  # pylint: disable=protected-access
+  assert "python -m beit_jax.main --config=configs/" + path.name in module.__doc__.replace("\\\n", "")
+  if c.mode == "pretrain":
+    cfg = registry.get_config(c.model.name, **dict(c.model.overrides))
+    assert cfg.img_size == c.data.image_size
+    assert c.batch_size > 0 and c.optim.lr > 0
+
+
+def test_paper_hyper_parameters_are_the_defaults():
+  _, c = load(pathlib.Path(__file__).parent.parent / "configs" / "beit_base_pretrain.py")
+  assert (c.batch_size, c.epochs, c.optim.lr, c.optim.min_lr, c.optim.weight_decay, c.optim.clip_grad) == (
+      2048, 800, 1.5e-3, 1e-5, 0.05, 3.0)
+  assert (c.optim.b1, c.optim.b2) == (0.9, 0.999) and c.model.overrides.drop_path_rate == 0.1
+  assert dict(c.data.mask) == {"num_masked": 75, "min_block": 16, "min_aspect": 0.3, "kind": "blockwise"}
+  assert (c.data.image_size, c.data.tokenizer_size, c.data.color_jitter) == (224, 112, 0.4)
+
+
+def test_unknown_key_is_named_before_anything_runs(tmp_path):
+  res = subprocess.run([sys.executable, "-m", "beit_jax.main", "--config=configs/fmnist_pretrain.py",
+                        f"--workdir={tmp_path}", "--config.optim.lrr=1"], capture_output=True, text=True,
+                       cwd=pathlib.Path(__file__).parent.parent, check=False)
+  assert res.returncode != 0 and "lrr" in res.stderr
