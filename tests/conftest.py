@@ -8,7 +8,16 @@ import os
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 
+import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+
+# The loop tests compile the same small programs in several runs and subprocesses: a persistent compilation
+# cache (shared by the xdist workers and the subprocesses, which inherit the variable) compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/beit_jax_test_jit_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 import pytest  # pylint: disable=wrong-import-position
 
 

@@ -46,6 +46,10 @@ def test_fashion_mnist_files(fmnist_train):
   assert ex["image"].shape == (28, 28, 1) and ex["image"].dtype == tf.uint8
   assert int(ex["label"]) == 9 and int(ex["index"]) == 0  # the first training image is an ankle boot
   assert sources.get_source("fashion_mnist_files", "test").num_examples == 10000
+  first = sources.get_source("fashion_mnist_files", "train[:100]")  # tfds's slicing, for every source
+  assert first.num_examples == 100 and int(next(iter(first.read().take(1)))["label"]) == 9
+  with pytest.raises(ValueError, match="NAME"):
+    sources.get_source("fashion_mnist_files", "train[:0]")
 
 
 def test_pretrain_batches_shapes_ranges_masks(fmnist_train):

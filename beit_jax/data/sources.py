@@ -14,6 +14,7 @@ A source is named by a spec string (the `data.source` config key):
   "fashion_mnist_files[:DIR]"  the four IDX files tfds downloads (Debian: dataset-fashion-mnist), no network
   "folder:ROOT"                ROOT/<split>/<class>/<image> (tfds.ImageFolder's layout; gs:// paths work)
   "tfds:NAME" or "NAME"        tfds.builder(NAME, data_dir=data_dir), prepared beforehand
+Splits take tfds's slicing for the first examples everywhere: "test[:1000]".
 """
 from __future__ import annotations
 
@@ -97,13 +98,24 @@ def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
   return directory / (stem + ".gz")  # for the error message
 
 
+def _split_and_limit(split: str) -> tuple[str, Optional[int]]:
+  """tfds's slicing syntax for the first examples of a split, "test[:1000]", for every source."""
+  if split.endswith("]") and "[:" in split:
+    name, _, count = split[:-1].partition("[:")
+    if not count.isdigit() or int(count) < 1:
+      raise ValueError(f"split {split!r}: only the form NAME[:COUNT] is supported here")
+    return name, int(count)
+  return split, None
+
+
 def fashion_mnist_files(split: str, directory: str = FASHION_MNIST_DIR) -> Source:
+  split, limit = _split_and_limit(split)
   prefix = {"train": "train", "test": "t10k"}.get(split)
   if prefix is None:
     raise ValueError(f"fashion_mnist_files has splits 'train' and 'test', not {split!r}")
   d = pathlib.Path(directory)
-  images = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[..., None]  # [N, 28, 28, 1]
-  labels = _read_idx(_find(d, f"{prefix}-labels-idx1-ubyte")).astype(np.int32)
+  images = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[:limit, ..., None]  # [N, 28, 28, 1]
+  labels = _read_idx(_find(d, f"{prefix}-labels-idx1-ubyte"))[:limit].astype(np.int32)
   images_t, labels_t = tf.constant(images), tf.constant(labels)
 
   def make(ds):
@@ -114,6 +126,7 @@ def fashion_mnist_files(split: str, directory: str = FASHION_MNIST_DIR) -> Sourc
 # -- A folder of images -----------------------------------------------------------------------------------------
 def image_folder(root: str, split: str) -> Source:
   """ROOT/<split>/<class>/<image>, classes sorted by name (as tfds.ImageFolder)."""
+  split, limit = _split_and_limit(split)
   split_dir = os.path.join(root, split)
   if not tf.io.gfile.isdir(split_dir):
     found = sorted(tf.io.gfile.listdir(root)) if tf.io.gfile.isdir(root) else None
@@ -129,6 +142,7 @@ def image_folder(root: str, split: str) -> Source:
         labels.append(label)
   if not paths:
     raise FileNotFoundError(f"no images ({', '.join(_IMAGE_EXTENSIONS)}) under {split_dir}/<class>/")
+  paths, labels = paths[:limit], labels[:limit]
   paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int32)
 
   def make(ds):

@@ -185,6 +185,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_fn = jax.jit(functools.partial(eval_step, tok_def=tok_def), in_shardings=(state_sh, batch_sh, batch_sh),
                     out_shardings=rep)
 
+  @functools.partial(jax.jit, in_shardings=(state_sh, batch_sh), out_shardings=rep)
+  def recon_fn(state, images):
+    tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
+    return jnp.concatenate([images, tok.decode(tok.encode(images))], axis=2)
+
   transform = pipelines.tokenizer_transform(seed=seed, image_size=tcfg.input_size, scale=tuple(d.crop_scale))
   host_batches = ({"image": b["image"]} for b in pipelines.train_batches(
       source, transform, host_batch=host_batch, seed=seed, start_step=start, shard=shard, channels=d.channels,
@@ -222,10 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           ev = evaluate(eval_fn, state, eval_batches())
           writer.write_scalars(step, ev)
           last.update(ev)
-          tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
-          sample = next(eval_batches())["image"][:8]
-          pair = jnp.concatenate([sample, tok.decode(tok.encode(sample))], axis=2)  # original | reconstruction
-          writer.write_images(step, {"reconstructions": np.asarray(jax.device_get(pair))})
+          pair = recon_fn(state, next(eval_batches())["image"])  # original | reconstruction
+          writer.write_images(step, {"reconstructions": np.asarray(jax.device_get(pair))[:8]})
         if step % config.ckpt_every == 0 or step == steps or preempt.requested:
           ckpts.save(step, state, {"step": step, "tokenizer_config": tcfg.to_dict()})
         if preempt.requested:
