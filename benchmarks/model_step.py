@@ -1,8 +1,10 @@
 r"""Training-step throughput and peak memory: beit_jax vs timm's BEiT, measured in the same run.
 
   python benchmarks/model_step.py                                  # both frameworks, batch 8, f32
-  python benchmarks/model_step.py --frameworks=jax --dtype=bfloat16
-  python benchmarks/model_step.py --xla_flags="--xla_cpu_use_onednn=true" --json=/tmp/step.json
+  python benchmarks/model_step.py --dtype=bfloat16 --torch_dtype=bfloat16 --json=/tmp/step.json
+  python benchmarks/model_step.py --frameworks=jax --xla_flags="--xla_cpu_enable_fast_math=true"
+  python benchmarks/model_step.py --jax_patch=grad_barrier,bias_grad_dot,einsum_attention
+  taskset -c 1 python benchmarks/model_step.py --steps=3 --warmup=1  # one core: compare the 'cpu s' column
 
 One step is the same in both frameworks: forward on a fixed random batch, softmax cross-entropy against
 random labels, backward, AdamW update (lr 1e-4, weight decay 0.05, optax.adamw / torch.optim.AdamW), train
@@ -17,7 +19,12 @@ pools or allocations pollute the other's timings and peak RSS; the parent import
   step peak RSS   the high-water mark over the timed steps only (/proc/self/clear_refs reset first),
                   which is what training itself holds.
 For JAX also the compiled step's own memory_analysis() (arguments, outputs, temporaries) is printed.
-Findings about the JAX/PyTorch gap on CPU are in benchmarks/NOTES_model_step.md.
+
+Timing on a shared machine: besides wall time, `cpu s` is the process's CPU time per step. Pinned to one
+core (taskset), that is the work of a step and hardly moves when other processes compete for the core, so
+it is the figure to compare between runs on a busy machine. `--jax_patch` applies the experimental model
+variants of model_step_variants.py. benchmarks/NOTES_model_step.md has the measurements and why the JAX
+step is slower on CPU.
 """
 from __future__ import annotations
 
@@ -55,6 +62,8 @@ def parse_args(argv=None):
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS in the JAX subprocess")
   p.add_argument("--jax_config", default="", help="comma-separated jax.config name=value, e.g. "
                  "jax_default_matmul_precision=bfloat16")
+  p.add_argument("--jax_patch", default="", help="comma-separated experimental model patches from "
+                 "model_step_variants.py (e.g. grad_barrier), applied in the JAX subprocess only")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = the usable cores")
   p.add_argument("--json", default="", help="also write the results here")
   p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)  # internal: run one framework
@@ -193,6 +202,9 @@ def run_jax(args) -> dict:
   from beit_jax import models  # pylint: disable=import-outside-toplevel
 
   apply_jax_config(args.jax_config)
+  if args.jax_patch:
+    import model_step_variants  # pylint: disable=import-outside-toplevel  # next to this file
+    model_step_variants.apply(args.jax_patch)
   model = models.create_model(args.model, num_classes=_NUM_CLASSES, dtype=args.dtype, drop_path_rate=0.0)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   del model  # shares its arrays with `params`, which the step donates: the module is unusable from here
@@ -233,6 +245,7 @@ def run_jax(args) -> dict:
       "peak_rss_mib": max(peak_before_steps, step_peak or 0.0), "step_peak_rss_mib": step_peak,
       "xla_memory": memory_analysis(compiled), "step_flops": step_flops(compiled),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_config": args.jax_config,
+      "jax_patch": args.jax_patch,
       "devices": str(jax.devices()),
   }
 
@@ -329,8 +342,9 @@ def print_report(info: dict, args, results: dict[str, dict]):
   jax_r, torch_r = results.get("jax", {}), results.get("torch", {})
   if jax_r.get("xla_memory"):
     print("  jax compiled step: " + ", ".join(f"{k}={v:.0f}" for k, v in jax_r["xla_memory"].items()))
-  if jax_r.get("xla_flags"):
-    print(f"  XLA_FLAGS={jax_r['xla_flags']}")
+  for key in ("xla_flags", "jax_config", "jax_patch"):
+    if jax_r.get(key):
+      print(f"  jax {key}: {jax_r[key]}")
   if "images_per_s" in jax_r and "images_per_s" in torch_r:
     print(f"  beit_jax / timm: throughput {jax_r['images_per_s'] / torch_r['images_per_s']:.2f}x, "
           f"step peak RSS {_fmt(_ratio(jax_r['step_peak_rss_mib'], torch_r['step_peak_rss_mib']), '.2f')}x, "
