@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags
 
-from beit_jax import main as entry
+from beit_jax.train import modes
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/beit_demo", "where the runs go")
 _TOK_STEPS = flags.DEFINE_integer("tokenizer_steps", None, "override the tokenizer config's total_steps")
@@ -48,13 +48,13 @@ def main(argv):
   work = pathlib.Path(_WORKDIR.value)
   t0 = time.time()
   print(f"[demo] 1/2 training a PeCo tokenizer on Fashion-MNIST -> {work / 'tokenizer_run'}", flush=True)
-  tok = entry.run(_steps(_config("fmnist_tokenizer"), _TOK_STEPS.value), str(work / "tokenizer_run"))["metrics"]
+  tok = modes.run(_steps(_config("fmnist_tokenizer"), _TOK_STEPS.value), str(work / "tokenizer_run"))["metrics"]
   print(f"[demo] tokenizer: held-out PSNR {tok.get('eval_psnr', float('nan')):.2f} dB, codebook usage "
         f"{100 * tok.get('eval_usage', float('nan')):.1f}%, perplexity {tok.get('eval_perplexity', float('nan')):.1f}"
         f" ({time.time() - t0:.0f} s)", flush=True)
   print(f"[demo] 2/2 pre-training BEiT on its tokens -> {work / 'pretrain_run'}", flush=True)
   cfg = _steps(_config("fmnist_pretrain", str(work / "tokenizer_run" / "tokenizer")), _PT_STEPS.value)
-  out = entry.run(cfg, str(work / "pretrain_run"))["metrics"]
+  out = modes.run(cfg, str(work / "pretrain_run"))["metrics"]
   acc, base, chance = out["eval_mlm_acc"], out["eval_most_frequent_acc"], out["eval_chance"]
   print(f"[demo] held-out masked-token accuracy {100 * acc:.1f}% vs {100 * base:.1f}% for always the most "
         f"frequent token and {100 * chance:.2f}% chance ({acc / base:.1f}x and {acc / chance:.0f}x); "

@@ -9,28 +9,17 @@ set-up itself), `jax.distributed.initialize()` runs before anything touches a de
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_MODES = {  # mode -> module with train_and_evaluate(config, workdir)
-    "tokenizer": "beit_jax.train.tokenizer",
-    "pretrain": "beit_jax.train.pretrain",
-}
+from beit_jax.train import modes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go (a rerun resumes from it)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
-
-
-def run(config, workdir: str):
-  mode = config.get("mode")
-  if mode not in _MODES:
-    raise ValueError(f"config.mode={mode!r}: use one of {sorted(_MODES)}")
-  return importlib.import_module(_MODES[mode]).train_and_evaluate(config, workdir)
 
 
 def main(argv):
@@ -40,7 +29,7 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  run(_CONFIG.value, _WORKDIR.value)
+  modes.run(_CONFIG.value, _WORKDIR.value)
 
 
 def cli():  # console script `beit-train`

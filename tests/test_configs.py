@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from beit_jax import main as entry
+from beit_jax.train import modes
 from beit_jax.models import registry
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
@@ -22,7 +22,7 @@ def load(path, arg="/nonexistent"):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_is_complete(path):
   module, c = load(path)
-  assert c.mode in entry._MODES  # pylint: disable=protected-access
+  assert c.mode in modes.MODES
   assert "python -m beit_jax.main --config=configs/" + path.name in module.__doc__.replace("\\\n", "")
   if c.mode == "pretrain":
     cfg = registry.get_config(c.model.name, **dict(c.model.overrides))
