@@ -22,8 +22,8 @@ def get_config(tokenizer_checkpoint: str = ""):
   # 40% of 64 patches in blocks of >= 4 (BEiT: 75 of 196 in blocks of >= 16)
   c.data.mask = {"num_masked": 26, "min_block": 4, "min_aspect": 0.3, "kind": "blockwise"}
   c.batch_size = 128
-  c.total_steps = 800
-  c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 1e-3, 1e-5, 80
-  c.log_every, c.ckpt_every = 50, 400
+  c.total_steps = 400
+  c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 1e-3, 1e-5, 40
+  c.log_every, c.ckpt_every = 50, 200
   c.eval_split = "test"
   return c

@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
   c.loss.perceptual.layers = (1, 2)
   c.loss.disc_start = 10 ** 9  # no GAN in a few CPU minutes
   c.batch_size = 64
-  c.total_steps = 600
-  c.optim.lr, c.optim.warmup_steps = 2e-3, 50
+  c.total_steps = 300
+  c.optim.lr, c.optim.warmup_steps = 2e-3, 30
   c.log_every, c.eval_every, c.ckpt_every = 50, 300, 300
   return c

@@ -286,12 +286,17 @@ def load(encoder: str | pathlib.Path, decoder: Optional[str | pathlib.Path] = No
   return tok
 
 
-def save_safetensors(module: nnx.Module, path: str | pathlib.Path, kind: str) -> None:
-  """Writes an Encoder/Decoder under the `dall_e` names (OIHW): convert OpenAI's pickles once, load this after."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+def export_state_dict(module: nnx.Module, kind: str) -> dict[str, np.ndarray]:
+  """An Encoder/Decoder as a `dall_e` state dict (names and OIHW layout), loadable by the PyTorch modules."""
   out = {}
   names = _torch_names(module, kind)
   for path_, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
     v = np.asarray(var.get_value(), np.float32)
     out[names[path_]] = np.ascontiguousarray(v.transpose(3, 2, 0, 1) if v.ndim == 4 else v)
-  save_file(out, str(path))
+  return out
+
+
+def save_safetensors(module: nnx.Module, path: str | pathlib.Path, kind: str) -> None:
+  """Writes an Encoder/Decoder under the `dall_e` names (OIHW): convert OpenAI's pickles once, load this after."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  save_file(export_state_dict(module, kind), str(path))
