@@ -47,6 +47,17 @@ def report_progress(total_steps: int, writer, every_steps: int = 100):
 
 
 def mean_of(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
-  """The mean of each metric over the steps since the last report (one device->host transfer)."""
+  """The mean of each metric over the steps since the last report (one device->host transfer); metrics that
+  only some steps have (the GAN terms before their start step) are left out."""
   stacked = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+  keys = set.intersection(*(set(h) for h in stacked))
+  return {k: float(np.mean([h[k] for h in stacked])) for k in sorted(keys)}
+
+
+def check_finite(state, last_checkpoint) -> None:
+  """Stops the run at a step whose loss or gradient was not finite (the step left the state untouched)."""
+  bad = int(jax.device_get(state["nonfinite_step"]))
+  if bad >= 0:
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {bad + 1}; training stopped and the last checkpoint (step "
+        f"{last_checkpoint}) is intact. Lower config.optim.lr or enable config.optim.clip_grad")

@@ -226,11 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if progress is not None:
           progress(step)
         if step % config.log_every == 0 or step == steps or preempt.requested:
-          bad = int(jax.device_get(state["nonfinite_step"]))
-          if bad >= 0:
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {bad + 1}; training stopped and the last checkpoint "
-                f"(step {ckpts.latest_step()}) is intact. Lower config.optim.lr or enable config.optim.clip_grad")
+          metrics.check_finite(state, ckpts.latest_step())
           last = metrics.mean_of(history)
           history = []
           writer.write_scalars(step, last)

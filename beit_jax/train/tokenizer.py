@@ -215,12 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if progress is not None:
           progress(step)
         if step % config.log_every == 0 or step == steps or preempt.requested:
-          bad = int(jax.device_get(state["nonfinite_step"]))
-          if bad >= 0:
-            raise FloatingPointError(f"non-finite tokenizer loss or gradient at step {bad + 1}; the last checkpoint "
-                                     f"(step {ckpts.latest_step()}) is intact. Lower config.optim.lr")
-          keys = set.intersection(*(set(h) for h in history))
-          last = metrics.mean_of([{k: h[k] for k in keys} for h in history])
+          metrics.check_finite(state, ckpts.latest_step())
+          last = metrics.mean_of(history)
           history = []
           writer.write_scalars(step, last)
         if step % config.eval_every == 0 or step == steps:
