@@ -44,6 +44,14 @@ def _uniform(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
   return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def _uniform_pairs(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
+  """Two uniforms in [0, 1) with 32-bit resolution per (key, counter): [..., 2]. Half the hashing of
+  `_uniform`, and 2^-32 is far finer than any draw here needs (block sizes and positions on a small grid)."""
+  z = _mix(keys + _GOLDEN * (counters + np.uint64(1)))
+  halves = np.stack([z >> np.uint64(32), z & np.uint64(0xFFFFFFFF)], axis=-1)
+  return halves.astype(np.float64) * (1.0 / (1 << 32))
+
+
 def _check(grid, num_masked, min_block, min_aspect):
   h, w = grid
   if h < 1 or w < 1:
@@ -84,42 +92,43 @@ def blockwise_masks(seed: int, indices: Sequence[int] | np.ndarray, grid: tuple[
   draws = np.zeros(n, dtype=np.uint64)  # per-example random-number counter
   rows, cols = np.arange(gh), np.arange(gw)
   active = np.arange(n)
+  tries = np.arange(_MAX_ATTEMPTS * 2, dtype=np.uint64)  # 2 hashes = 4 uniforms per attempt
+  tril, triu = np.tril(np.ones((gh, gh), np.float32)), np.triu(np.ones((gw, gw), np.float32))
   while active.size:  # one round per iteration, in lockstep over the masks still growing
-    budget = np.minimum(num_masked - count[active], max_block)
+    m = active.size
+    budget = np.minimum(num_masked - count[active], max_block)[:, None]  # [m, 1]
     # A summed-area table per mask makes "how many new patches would this block add" O(1) per attempt.
-    sat = np.zeros((active.size, gh + 1, gw + 1), dtype=np.int32)
-    sat[:, 1:, 1:] = mask[active].cumsum(1, dtype=np.int32).cumsum(2, dtype=np.int32)
-    delta = np.zeros(active.size, dtype=np.int64)
-    trying = np.arange(active.size)
-    for _ in range(_MAX_ATTEMPTS):
-      ex = active[trying]
-      u = _uniform(keys[ex, None], draws[ex, None] + np.arange(4, dtype=np.uint64))  # [len(ex), 4]
-      draws[ex] += np.uint64(4)
-      b = budget[trying]
-      area = min_block + (b - min_block) * u[:, 0]  # random.uniform(min_block, budget), either order
-      aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, 1])
-      h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, like Python's round
-      w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
-      fits = (h < gh) & (w < gw)
-      top = np.floor(u[:, 2] * (gh - h + 1)).astype(np.int64)  # random.randint(0, gh - h)
-      left = np.floor(u[:, 3] * (gw - w + 1)).astype(np.int64)
-      bottom, right = np.minimum(top + h, gh), np.minimum(left + w, gw)
-      top, left = np.minimum(top, gh), np.minimum(left, gw)
-      i = trying
-      covered = sat[i, bottom, right] - sat[i, top, right] - sat[i, bottom, left] + sat[i, top, left]
-      new = h * w - covered
-      accept = fits & (new > 0) & (new <= b)
-      if accept.any():
-        a = ex[accept]
-        block = (((rows >= top[accept, None]) & (rows < bottom[accept, None]))[:, :, None]
-                 & ((cols >= left[accept, None]) & (cols < right[accept, None]))[:, None, :])
-        mask[a] |= block
-        delta[trying[accept]] = new[accept]
-      trying = trying[~accept]  # the first accepted block ends a round
-      if not trying.size:
-        break
-    count[active] += delta
-    active = active[(delta > 0) & (count[active] < num_masked)]
+    # (Built as lower-triangular @ mask @ upper-triangular: batched float32 matmuls, exact for these small
+    # counts, and several times faster than numpy's cumsum along the non-contiguous axis.)
+    sat = np.zeros((m, gh + 1, gw + 1), dtype=np.float32)
+    sat[:, 1:, 1:] = tril @ mask[active].astype(np.float32) @ triu
+    # The mask does not change until a round accepts a block, so the round's 10 attempts are drawn and scored
+    # at once and the first acceptable one is taken: the same outcome as trying them one after another.
+    u = _uniform_pairs(keys[active, None], draws[active, None] + tries).reshape(m, _MAX_ATTEMPTS, 4)
+    draws[active] += np.uint64(tries.size)
+    area = min_block + (budget - min_block) * u[..., 0]  # random.uniform(min_block, budget), either order
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, like Python's round
+    w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (h < gh) & (w < gw)
+    top = np.floor(u[..., 2] * (gh - h + 1)).astype(np.int64)  # random.randint(0, gh - h)
+    left = np.floor(u[..., 3] * (gw - w + 1)).astype(np.int64)
+    top, left = np.minimum(top, gh), np.minimum(left, gw)
+    bottom, right = np.minimum(top + h, gh), np.minimum(left + w, gw)
+    i = np.arange(m)[:, None]
+    covered = sat[i, bottom, right] - sat[i, top, right] - sat[i, bottom, left] + sat[i, top, left]
+    new = h * w - covered.astype(np.int64)
+    ok = fits & (new > 0) & (new <= budget)
+    accepted = ok.any(axis=1)
+    first = ok.argmax(axis=1)
+    a, j = np.flatnonzero(accepted), first[accepted]
+    t, b, l, r = top[a, j], bottom[a, j], left[a, j], right[a, j]
+    block = (((rows >= t[:, None]) & (rows < b[:, None]))[:, :, None]
+             & ((cols >= l[:, None]) & (cols < r[:, None]))[:, None, :])
+    mask[active[a]] |= block
+    count[active[a]] += new[a, j]
+    # A round that adds nothing ends the mask, as does reaching the target.
+    active = active[a][count[active[a]] < num_masked]
   empty = np.flatnonzero(count == 0)
   if empty.size:
     cell = np.floor(_uniform(keys[empty], draws[empty]) * (gh * gw)).astype(np.int64)
