@@ -10,7 +10,8 @@ therefore varies per image (14x14, 75: mean ~74.5, ~2/3 exactly 75), so losses m
 Determinism: every random number is a counter-based hash of (seed, epoch, example index, draw number), so the
 mask of an example is a pure function of (seed, epoch, index): the same on every host, after a resume, and
 however the examples are batched or split. Speed: the rounds run in lockstep over a whole batch of masks in
-numpy (one host core makes >100k 14x14 masks/s; see BENCHMARKS.md), not one Python loop per block.
+numpy (one host core makes >100k 14x14 masks/s from 256 masks per call; see BENCHMARKS.md), not one Python
+loop per block.
 """
 from __future__ import annotations
 
