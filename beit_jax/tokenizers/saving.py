@@ -8,16 +8,10 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from beit_jax.tokenizers import vqgan
-
-
-def _manager(directory) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(),
-                               options=ocp.CheckpointManagerOptions(create=True, max_to_keep=None))
+from beit_jax.train import checkpoints
 
 
 def _arrays(tok: vqgan.PecoTokenizer):
@@ -26,32 +20,22 @@ def _arrays(tok: vqgan.PecoTokenizer):
 
 
 def save_peco(directory: str | pathlib.Path, tok: vqgan.PecoTokenizer, step: int = 0) -> None:
-  with _manager(directory) as mngr:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays(tok)),
-                                            tokenizer_config=ocp.args.JsonSave(tok.config.to_dict())))
-    mngr.wait_until_finished()
+  checkpoints.save_with_config(directory, step, tree_item="state", tree=_arrays(tok),
+                               config_item="tokenizer_config", config=tok.config.to_dict())
 
 
 def load_peco(checkpoint: str | pathlib.Path, step: int | None = None, **overrides) -> vqgan.PecoTokenizer:
   """`tokenizers.load("peco", checkpoint=DIR)`: the latest (or given) step; `overrides` change numerics only."""
-  directory = pathlib.Path(checkpoint)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"PeCo tokenizer checkpoint {directory} does not exist")
-  with _manager(directory) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete tokenizer checkpoint in {directory}")
-    meta = mngr.restore(step, args=ocp.args.Composite(tokenizer_config=ocp.args.JsonRestore()))
-    fields = {f.name for f in dataclasses.fields(vqgan.PecoConfig)}
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["tokenizer_config"].items() if k in fields}
-    cfg = vqgan.PecoConfig(**raw).replace(**overrides)
-    tok = nnx.eval_shape(lambda: vqgan.PecoTokenizer(cfg, rngs=nnx.Rngs(0)))
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(tok))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  # Build real modules (RNG streams need values), then put the trained arrays in.
+  step, raw = checkpoints.read_config(checkpoint, step, config_item="tokenizer_config",
+                                      what="PeCo tokenizer checkpoint")
+  fields = {f.name for f in dataclasses.fields(vqgan.PecoConfig)}
+  cfg = vqgan.PecoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
+                            if k in fields}).replace(**overrides)
+  # Real modules (RNG streams need values), their arrays then replaced by the trained ones.
   tok = vqgan.PecoTokenizer(cfg, rngs=nnx.Rngs(0))
   state = nnx.state(tok, nnx.Not(nnx.RngState))
-  nnx.replace_by_pure_dict(state, restored["state"])
+  nnx.replace_by_pure_dict(state, checkpoints.restore_tree(checkpoint, step, tree_item="state",
+                                                           like=nnx.to_pure_dict(state)))
   nnx.update(tok, state)
   tok.eval()
   return tok

@@ -20,33 +20,51 @@ def _manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(create=True, max_to_keep=None))
 
 
-def save_model(directory: str | pathlib.Path, model: Beit, step: int = 0) -> None:
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+# A tree of arrays plus the JSON config that rebuilds its module: the format of converted models
+# (`params`/`model_config`) and of trained tokenizers (`state`/`tokenizer_config`, tokenizers/saving.py).
+def save_with_config(directory: str | pathlib.Path, step: int, *, tree_item: str, tree, config_item: str,
+                     config: dict) -> None:
   with _manager(directory) as mngr:
-    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                            model_config=ocp.args.JsonSave(model.config.to_dict())))
+    mngr.save(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardSave(tree),
+                                               config_item: ocp.args.JsonSave(config)}))
     mngr.wait_until_finished()
+
+
+def read_config(directory: str | pathlib.Path, step: int | None, *, config_item: str,
+                what: str = "checkpoint directory") -> tuple[int, dict]:
+  """(step, config) of `step` (default: the latest complete one)."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{what} {directory} does not exist")
+  with _manager(directory) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint step in {directory}")
+    return step, mngr.restore(step, args=ocp.args.Composite(**{config_item: ocp.args.JsonRestore()}))[config_item]
+
+
+def restore_tree(directory: str | pathlib.Path, step: int, *, tree_item: str, like):
+  """The tree saved at `step`, in the structure, shapes and dtypes of `like` (arrays or abstract arrays)."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  with _manager(directory) as mngr:
+    return mngr.restore(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardRestore(abstract)}))[tree_item]
+
+
+def save_model(directory: str | pathlib.Path, model: Beit, step: int = 0) -> None:
+  save_with_config(directory, step, tree_item="params", tree=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                   config_item="model_config", config=model.config.to_dict())
 
 
 def load_model(directory: str | pathlib.Path, step: int | None = None, **overrides) -> Beit:
   """Restores a model saved by `save_model` (the latest step by default); `overrides` change numerics only
   (e.g. dtype="bfloat16", attention_impl="cudnn", drop_path_rate=0.1)."""
-  directory = pathlib.Path(directory)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-  with _manager(directory) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint step in {directory}")
-    meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-    cfg = BeitConfig(**meta["model_config"]).replace(**overrides)
-    create = lambda: nnx.split(Beit(cfg, rngs=make_rngs(0)), nnx.Param, ...)
-    graphdef, params, _ = nnx.eval_shape(create)  # shapes only: the weights come from the checkpoint
-    # The non-parameter state (drop-path RNG streams) must be real; under jit XLA drops the unused weight init.
-    rest = jax.jit(lambda: create()[2])()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  nnx.replace_by_pure_dict(params, restored["params"])
+  step, config = read_config(directory, step, config_item="model_config")
+  cfg = BeitConfig(**config).replace(**overrides)
+  create = lambda: nnx.split(Beit(cfg, rngs=make_rngs(0)), nnx.Param, ...)
+  graphdef, params, _ = nnx.eval_shape(create)  # shapes only: the weights come from the checkpoint
+  # The non-parameter state (drop-path RNG streams) must be real; under jit XLA drops the unused weight init.
+  rest = jax.jit(lambda: create()[2])()
+  nnx.replace_by_pure_dict(params, restore_tree(directory, step, tree_item="params", like=nnx.to_pure_dict(params)))
   return nnx.merge(graphdef, params, rest)
 
 
