@@ -137,6 +137,10 @@ def test_config_errors_before_compiling(tmp_path, tokenizer_file):
   with pytest.raises(FileNotFoundError, match="config.tokenizer.encoder"):
     pretrain.train_and_evaluate(c, tmp_path / "z")
   c = tiny_config(tokenizer_file)
+  c.data.mean_std = "imagenett"
+  with pytest.raises(ValueError, match=r"config.data.mean_std='imagenett'"):
+    pretrain.train_and_evaluate(c, tmp_path / "v")
+  c = tiny_config(tokenizer_file)
   c.data.tokenizer_size = 64
   with pytest.raises(ValueError, match="config.data.tokenizer_size=64"):
     pretrain.train_and_evaluate(c, tmp_path / "w")

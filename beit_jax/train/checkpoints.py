@@ -6,7 +6,9 @@ renames it when complete, so a crash never leaves a half-written step that looks
 """
 from __future__ import annotations
 
+import logging
 import pathlib
+import signal
 
 import jax
 import orbax.checkpoint as ocp
@@ -118,3 +120,19 @@ class TrainCheckpoints:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+class Preemption:
+  """SIGTERM (preemption, `kill`) asks a training loop to checkpoint and stop at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and stopping after this step")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)

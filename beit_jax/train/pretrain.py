@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import pathlib
-import signal
 import time
 from typing import Any
 
@@ -131,22 +130,6 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return int(config.epochs * steps_per_epoch)
 
 
-class _Preemption:
-  """SIGTERM (preemption, `kill`) asks the loop to checkpoint and stop at the next step."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and stopping after this step")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if tuple(tok_grid) != cfg.grid:
     raise ValueError(f"the tokenizer makes a {tok_grid} grid of ids from config.data.tokenizer_size="
                      f"{d.tokenizer_size} but the model has a {cfg.grid} grid of patches")
+  mean_std = pipelines.mean_std(d.mean_std)
   mask_spec = pipelines.MaskSpec(grid=cfg.grid, **dict(d.mask))
   source = sources.get_source(d.source, d.split, d.get("data_dir"))
   shard = pipelines.Shard.of_this_process()
@@ -175,14 +159,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, lr_fn = optim.make(config.optim, params, steps)
   if config.get("grad_accum", 1) > 1:
     tx = optax.MultiSteps(tx, config.grad_accum)
-  param_sh = sharding.shardings_of(params)
-  abstract_opt = jax.eval_shape(tx.init, params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: sharding.replicated(mesh))
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   rep = sharding.replicated(mesh)
-  state = {"step": jax.device_put(jnp.int32(0), rep), "params": params, "opt_state": opt_state, "rest": rest,
+  state = {"step": jax.device_put(jnp.int32(0), rep), "params": params,
+           "opt_state": sharding.create_opt_state(tx, params, mesh), "rest": rest,
            "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
   tok_graphdef, tok_state = nnx.split(tok)
   tok_state = jax.device_put(tok_state, rep)
@@ -204,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   transform = pipelines.pretrain_transform(
       seed=config.seed, image_size=d.image_size, tokenizer_size=d.tokenizer_size,
       tokenizer_resize=d.tokenizer_resize, color_jitter=d.color_jitter,
-      mean_std=pipelines.INCEPTION if d.mean_std == "inception" else pipelines.IMAGENET_DEFAULT)
+      mean_std=mean_std)
   keys = ("image", "tokenizer_image", "mask")
   host_batches = ({k: b[k] for k in keys} for b in pipelines.train_batches(
       source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard, masks=mask_spec,
@@ -215,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
   progress = metrics.report_progress(steps, writer, config.log_every)
-  preempt = _Preemption()
+  preempt = checkpoints.Preemption()
   history, last, t0 = [], {}, time.time()
   meta = lambda s: {"step": s, "model_config": cfg.to_dict()}
   try:
@@ -245,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     held_out = sources.get_source(d.source, config.eval_split, d.get("data_dir"))
     it = pipelines.eval_batches(held_out, pipelines.mim_eval_transform(
         image_size=d.image_size, tokenizer_size=d.tokenizer_size, tokenizer_resize=d.tokenizer_resize,
-        mean_std=pipelines.INCEPTION if d.mean_std == "inception" else pipelines.IMAGENET_DEFAULT),
+        mean_std=mean_std),
         host_batch=host_batch, shard=shard)
     it = ({"image": b["image"], "tokenizer_image": b["tokenizer_image"], "valid": b["valid"].astype(np.float32),
            "mask": mask_spec.make(config.seed + 1, b["index"], 0)} for b in it)

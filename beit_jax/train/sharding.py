@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -94,6 +95,15 @@ def create_sharded(create: Callable[[], nnx.Module], mesh: Mesh, filters=(nnx.Pa
     shardings = tuple(_variable_shardings(mesh, s, rules) for s in abstract)
     states = jax.jit(init, out_shardings=shardings)()
   return (graphdef, *states)
+
+
+def create_opt_state(tx, params, mesh: Mesh):
+  """`tx.init(params)` created directly in its shardings: moments shaped like a parameter are sharded like it,
+  everything else (step counts) replicated."""
+  out = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings_of(params),
+                              transform_non_params=lambda _: replicated(mesh))
+  with jax.set_mesh(mesh):
+    return jax.jit(tx.init, out_shardings=out)(params)
 
 
 def shardings_of(tree) -> Any:

@@ -113,17 +113,19 @@ def eval_step(state, images, valid, *, tok_def):
   return {"se": se, "n": w.sum(), "counts": counts}
 
 
-def evaluate(eval_fn, state, batches) -> dict[str, float]:
+def evaluate(eval_fn, state, batches) -> tuple[dict[str, float], Any]:
+  """Held-out PSNR, codebook usage and perplexity, and the first batch's images (for the image summary)."""
   se = n = 0.0
-  counts = None
+  counts = first = None
   for batch in batches:
+    first = batch["image"] if first is None else first
     out = jax.device_get(eval_fn(state, batch["image"], batch["valid"]))
     se, n = se + float(out["se"]), n + float(out["n"])
     counts = out["counts"] if counts is None else counts + out["counts"]
   p = counts / max(counts.sum(), 1.0)
   entropy = -float(np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)))
   return {"eval_psnr": float(-10 * np.log10(max(se / max(n, 1.0), 1e-10))),
-          "eval_usage": float(np.mean(counts > 0)), "eval_perplexity": float(np.exp(entropy))}
+          "eval_usage": float(np.mean(counts > 0)), "eval_perplexity": float(np.exp(entropy))}, first
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,15 +161,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx_d, _ = optim.make(config.optim, disc_params, steps)
   rep = sharding.replicated(mesh)
 
-  def opt_init(tx, params):
-    sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), sharding.shardings_of(params),
-                               transform_non_params=lambda _: rep)
-    with jax.set_mesh(mesh):
-      return jax.jit(tx.init, out_shardings=sh)(params)
-
   state = {"step": jax.device_put(jnp.int32(0), rep), "tok_params": tok_params, "tok_rest": tok_rest,
-           "tok_opt": opt_init(tx_g, tok_params), "disc_params": disc_params, "disc_rest": disc_rest,
-           "disc_opt": opt_init(tx_d, disc_params), "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
+           "tok_opt": sharding.create_opt_state(tx_g, tok_params, mesh), "disc_params": disc_params, "disc_rest": disc_rest,
+           "disc_opt": sharding.create_opt_state(tx_d, disc_params, mesh), "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
   ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
   restored = ckpts.restore(state)
   if restored is not None:
@@ -204,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = metrics.create_writer(str(workdir))
   progress = metrics.report_progress(steps, writer, config.log_every)
-  preempt = pretrain._Preemption()  # pylint: disable=protected-access
+  preempt = checkpoints.Preemption()
   history, last, t0 = [], {}, time.time()
   try:
     with jax.set_mesh(mesh):
@@ -220,10 +216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           history = []
           writer.write_scalars(step, last)
         if step % config.eval_every == 0 or step == steps:
-          ev = evaluate(eval_fn, state, eval_batches())
+          ev, images = evaluate(eval_fn, state, eval_batches())
           writer.write_scalars(step, ev)
           last.update(ev)
-          pair = recon_fn(state, next(eval_batches())["image"])  # original | reconstruction
+          pair = recon_fn(state, images)  # original | reconstruction
           writer.write_images(step, {"reconstructions": np.asarray(jax.device_get(pair))[:8]})
         if step % config.ckpt_every == 0 or step == steps or preempt.requested:
           ckpts.save(step, state, {"step": step, "tokenizer_config": tcfg.to_dict()})
@@ -236,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finished = int(jax.device_get(state["step"])) == steps
   if finished and "eval_psnr" not in last:  # a rerun of a finished run still reports
     with jax.set_mesh(mesh):
-      last.update(evaluate(eval_fn, state, eval_batches()))
+      last.update(evaluate(eval_fn, state, eval_batches())[0])
   tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
   out_dir = workdir / "tokenizer"
   if finished and not (out_dir / str(steps)).exists():  # every process calls orbax: multi-host saves are collective
