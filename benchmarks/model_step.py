@@ -144,6 +144,21 @@ def timed_loop(step, steps: int) -> list[tuple[float, float]]:
   return times
 
 
+def measure(step, args) -> dict:
+  """The same protocol for both frameworks: a first call (timed on its own), the rest of the warm-up, then
+  `args.steps` timed steps with the peak RSS of the timed steps measured separately."""
+  t0 = time.perf_counter()
+  first_loss = float(step())
+  first_step_s = time.perf_counter() - t0
+  timed_loop(step, max(args.warmup - 1, 0))
+  peak_before_steps = peak_rss_mib()
+  reset_ok = reset_peak_rss()
+  times = timed_loop(step, args.steps)
+  step_peak = peak_rss_mib() if reset_ok else None
+  return {"first_step_s": first_step_s, "first_loss": first_loss, **step_times_summary(times, args.batch),
+          "peak_rss_mib": max(peak_before_steps, step_peak or 0.0), "step_peak_rss_mib": step_peak}
+
+
 # -- beit_jax -------------------------------------------------------------------------------------------------
 def apply_jax_config(spec: str):
   import jax  # pylint: disable=import-outside-toplevel
@@ -230,19 +245,9 @@ def run_jax(args) -> dict:
     jax.block_until_ready((state["params"], state["opt_state"], loss))
     return loss
 
-  t0 = time.perf_counter()
-  first_loss = float(step())
-  first_step_s = time.perf_counter() - t0
-  timed_loop(step, max(args.warmup - 1, 0))
-  peak_before_steps = peak_rss_mib()
-  reset_ok = reset_peak_rss()
-  times = timed_loop(step, args.steps)
-  step_peak = peak_rss_mib() if reset_ok else None
   return {
-      "framework": "jax", "dtype": args.dtype, "num_params": int(num_params),
-      "compile_s": compile_s, "first_step_s": first_step_s, "first_loss": first_loss,
-      **step_times_summary(times, args.batch),
-      "peak_rss_mib": max(peak_before_steps, step_peak or 0.0), "step_peak_rss_mib": step_peak,
+      "framework": "jax", "dtype": args.dtype, "num_params": int(num_params), "compile_s": compile_s,
+      **measure(step, args),
       "xla_memory": memory_analysis(compiled), "step_flops": step_flops(compiled),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_config": args.jax_config,
       "jax_patch": args.jax_patch,
@@ -282,19 +287,10 @@ def run_torch(args) -> dict:
     opt.step()
     return loss.detach()  # CPU torch is synchronous: the step is done when this returns
 
-  t0 = time.perf_counter()
-  first_loss = float(step())  # allocates AdamW's moments: torch's counterpart of the first call
-  first_step_s = time.perf_counter() - t0
-  timed_loop(step, max(args.warmup - 1, 0))
-  peak_before_steps = peak_rss_mib()
-  reset_ok = reset_peak_rss()
-  times = timed_loop(step, args.steps)
-  step_peak = peak_rss_mib() if reset_ok else None
+  # The first call allocates AdamW's moments: torch's counterpart of JAX's first call.
   return {
-      "framework": "torch", "dtype": args.torch_dtype, "num_params": int(num_params),
-      "compile_s": None, "first_step_s": first_step_s, "first_loss": first_loss,
-      **step_times_summary(times, args.batch),
-      "peak_rss_mib": max(peak_before_steps, step_peak or 0.0), "step_peak_rss_mib": step_peak,
+      "framework": "torch", "dtype": args.torch_dtype, "num_params": int(num_params), "compile_s": None,
+      **measure(step, args),
       "threads": threads, "sdpa_fused_attn": getattr(model.blocks[0].attn, "fused_attn", None),
   }
 
