@@ -304,3 +304,49 @@ def test_patchgan_discriminator_layout_init_and_batchnorm_modes():
   d.eval()
   run(d, x)
   np.testing.assert_array_equal(np.asarray(d.norms[0].mean[...]), running)
+
+
+# -- where the perceptual network comes from: a PyTorch checkpoint, or one of our own runs ----------------------
+def test_perceptual_network_from_a_timm_checkpoint_gives_timms_block_outputs(tmp_path, timm):
+  """`pytorch:PATH`: a timm BEiT's state dict on disk -> the features are timm's own block outputs."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from conftest import assert_parity, randomize_torch  # pylint: disable=import-outside-toplevel
+  ref = randomize_torch(timm.models.beit.Beit(
+      img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0, use_abs_pos_emb=False,
+      use_rel_pos_bias=True, init_values=0.1), seed=3)
+  torch.save(ref.state_dict(), tmp_path / "ssl_vit.pth")
+  perceptual = losses.PerceptualLoss.from_pytorch(tmp_path / "ssl_vit.pth", layers=(1, 3),
+                                                  model_overrides={"num_heads": 2})
+  x = np.random.default_rng(4).random((2, 28, 28, 1)).astype(np.float32)
+  prepared = np.asarray(perceptual.prepare(jnp.asarray(x)))
+  outputs = []  # each block's output tokens, from forward hooks on timm's blocks
+  hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach().numpy())) for b in ref.blocks]
+  with torch.no_grad():
+    ref.forward_features(torch.from_numpy(prepared.transpose(0, 3, 1, 2).copy()))
+  for h in hooks:
+    h.remove()
+  feats = perceptual.features(jnp.asarray(x))
+  for f, l in zip(feats, (1, 3)):
+    assert_parity(f, outputs[l - 1][:, 1:], atol=1e-5, what=f"block {l} features vs timm")
+
+
+def test_perceptual_network_from_our_checkpoint_and_the_loop_config(tmp_path):
+  """`checkpoint:DIR` (a model saved by `checkpoints.save_model`, as pre-training saves it) through the tokenizer
+  loop's config parsing: the same features as the model that was saved; a missing path or kind is named."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from beit_jax import models  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import checkpoints, tokenizer as tokenizer_loop  # pylint: disable=import-outside-toplevel
+  model = models.create_model("beit_test_tiny", seed=5)
+  checkpoints.save_model(tmp_path / "ssl", model)
+  config = ml_collections.ConfigDict({"loss": {"perceptual_weight": 1.0, "perceptual": {
+      "source": f"checkpoint:{tmp_path / 'ssl'}", "layers": (2,)}}})
+  loaded = tokenizer_loop._perceptual(config)  # pylint: disable=protected-access
+  x = jnp.asarray(np.random.default_rng(6).random((2, 32, 32, 3)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(loaded.features(x)[0]),
+                                np.asarray(losses.PerceptualLoss(model, (2,)).features(x)[0]))
+  config.loss.perceptual.source = f"checkpoint:{tmp_path / 'nowhere'}"
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    tokenizer_loop._perceptual(config)  # pylint: disable=protected-access
+  config.loss.perceptual.source = "dino:vit_small"
+  with pytest.raises(ValueError, match="perceptual.source"):
+    tokenizer_loop._perceptual(config)  # pylint: disable=protected-access
