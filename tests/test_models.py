@@ -187,3 +187,31 @@ def test_import_does_not_pull_tensorflow_or_torch():
           "bad = [m for m in ('tensorflow', 'torch', 'timm', 'transformers') if m in sys.modules]; "
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_remat_policies_same_gradients_fewer_saved_residuals():
+  """Rematerialisation changes what the backward pass keeps, never the numbers (drop path included: the same
+  RNG streams give the same masks). What is kept is measured as the residual bytes that `jax.vjp` keeps for the
+  backward pass, a property of the program on every backend; XLA:CPU's scheduler does not turn it into a
+  smaller compiled temp buffer (its memory planning hoists the recomputation), GPU and TPU schedulers do."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+  grads, kept = {}, {}
+  for policy in ("none", "dots", "full"):
+    graphdef, state = nnx.split(models.create_model("beit_test_tiny", seed=0, remat=policy, drop_path_rate=0.3))
+    params, rest = nnx.split_state(state, nnx.Param, ...)
+
+    def loss(params, rest):
+      tokens, _ = nnx.merge(graphdef, params, rest, copy=True).encode(x)  # own Variables: pure
+      return jnp.sum(jnp.square(tokens))
+
+    grads[policy] = jax.jit(jax.grad(loss))(params, rest)
+    _, backward = jax.vjp(loss, params, rest)  # a pytree (tree_util.Partial) whose leaves are the residuals
+    kept[policy] = sum(leaf.nbytes for leaf in jax.tree.leaves(backward))
+  for policy in ("dots", "full"):
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(grads[policy]), jax.tree.leaves(grads["none"])))
+    print(f"remat={policy}: max grad diff {diff:.2g}, residual bytes {kept[policy]} vs {kept['none']}")
+    assert diff < 1e-5
+  assert kept["full"] < kept["dots"] < kept["none"], kept
+  with pytest.raises(ValueError, match="remat"):
+    models.BeitConfig(remat="some")

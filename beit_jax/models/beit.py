@@ -26,6 +26,19 @@ from beit_jax.models import layers
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# Rematerialisation trades FLOPs for activation memory, per block (the residual stream between blocks is kept):
+#   "none"  keep every activation (fastest; what fits for base models at the papers' per-device batch)
+#   "dots"  keep the matmul outputs without a batch dimension of their own (jax's checkpoint_dots_with_no_batch_dims):
+#           the projections and MLP matmuls are kept, the attention scores [B, H, T, T] and elementwise work
+#           (GELU, LayerNorm, softmax) are recomputed: most of the memory for a small share of the FLOPs
+#   "full"  keep only each block's input: a second forward pass per block, the least memory
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class BeitConfig:
   """Architecture and numerics of a BEiT model. JSON-serialisable (saved next to checkpoints)."""
@@ -52,6 +65,7 @@ class BeitConfig:
   dtype: str = "float32"                # compute dtype
   param_dtype: str = "float32"
   attention_impl: Optional[str] = "xla"  # passed to jax.nn.dot_product_attention (None, "xla", "cudnn")
+  remat: str = "none"                   # rematerialise each block in the backward pass: see REMAT_POLICIES
 
   def __post_init__(self):
     def check(cond, field, msg):
@@ -73,6 +87,7 @@ class BeitConfig:
     check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
     check(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {sorted(_DTYPES)}")
     check(self.attention_impl in (None, "xla", "cudnn"), "attention_impl", "must be None, 'xla' or 'cudnn'")
+    check(self.remat in REMAT_POLICIES, "remat", f"must be one of {sorted(REMAT_POLICIES)}")
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -168,6 +183,10 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+def _run_block(block, x, shared_bias):
+  return block(x, shared_bias)
 
 
 class Block(nnx.Module):
@@ -278,8 +297,10 @@ class Beit(nnx.Module):
     x = self.embed(images, bool_masked_pos)
     shared = self.rel_pos() if self.rel_pos is not None else None
     hidden = [x] if return_hidden_states else None
+    run = _run_block if self.config.remat == "none" else nnx.remat(
+        _run_block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=True)
     for block in self.blocks:
-      x = block(x, shared)
+      x = run(block, x, shared)
       if hidden is not None:
         hidden.append(x)
     if self.norm is not None:
