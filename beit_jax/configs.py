@@ -27,12 +27,14 @@ def pretrain() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict({
       "name": "adamw", "lr": 1.5e-3, "min_lr": 1e-5, "warmup_steps": 10 * 625, "weight_decay": 0.05,
       "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad": 3.0, "layer_decay": 1.0})
-  c.grad_accum = 1
+  c.grad_accum = 1  # > 1: each batch in this many slices in turn (same update, 1/k of the activation memory)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.num_devices = 0  # 0: all; else the first n (tests compare meshes of different sizes)
   c.log_every = 100
   c.ckpt_every = 5000
   c.keep_checkpoints = 3
+  c.profile_first_step = 0  # > 0: a profiler trace of `profile_steps` steps from this one, into workdir
+  c.profile_steps = 5
   c.eval_split = ""  # a held-out split: masked-token accuracy on it at the end of the run ("" = none)
   return c
 
@@ -68,4 +70,6 @@ def tokenizer() -> ml_collections.ConfigDict:
   c.eval_every = 5000
   c.ckpt_every = 5000
   c.keep_checkpoints = 3
+  c.profile_first_step = 0  # > 0: a profiler trace of `profile_steps` steps from this one, into workdir
+  c.profile_steps = 5
   return c

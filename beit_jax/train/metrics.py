@@ -38,12 +38,21 @@ def create_writer(workdir: str):
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
 
-def report_progress(total_steps: int, writer, every_steps: int = 100):
+def step_hooks(config, total_steps: int, writer, workdir: str) -> list:
+  """What runs after every step, called with the step number: clu's ReportProgress (steps/s, ETA) and, on
+  request, a jax profiler trace of `config.profile_steps` steps from step `config.profile_first_step`
+  (0 = off) into workdir/plugins/profile (TensorBoard's profile tab, or xprof)."""
   try:
     from clu import periodic_actions  # pylint: disable=import-outside-toplevel
   except ImportError:
-    return None
-  return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=every_steps)
+    return []
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every)]
+  if config.get("profile_first_step", 0):
+    hooks.append(periodic_actions.Profile(
+        logdir=workdir, num_profile_steps=config.get("profile_steps", 5), profile_duration_ms=None,
+        first_profile=config.profile_first_step, every_steps=None, every_secs=None))
+  return hooks
 
 
 def mean_of(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import nnx
 
 # unilm `no_weight_decay()`: position embedding and [CLS]; every 1-D tensor and bias is skipped as well.
 _NO_DECAY_NAMES = ("pos_embed", "cls_token")
@@ -88,3 +89,37 @@ def make(cfg: ml_collections.ConfigDict, params, total_steps: int,
 
 def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def summed_value_and_grad(loss_fn, graphdef, params, rest, batch, micro_steps: int = 1):
+  """Value and gradient of a loss that is a *sum* over the batch's examples, taken over `micro_steps` slices of
+  the batch in turn (gradient accumulation: the activation memory of one slice, the result of the whole batch).
+
+  loss_fn(model, batch) -> (sum, aux) where aux holds sums too (counts, correct predictions). Sums add up
+  exactly over slices, so the caller divides once by the global normaliser (e.g. the masked count) and gets
+  the same numbers with or without accumulation. Returns (sum, aux), grads (a Param state like `params`), and
+  `rest`: the model's non-Param state after the passes (its RNG stream counters advanced).
+
+  Slice j holds rows j, j + k, j + 2k, ... (k = micro_steps): every device keeps an equal share of every slice
+  under a batch-sharded layout, so no slice ever waits on a subset of the devices.
+  """
+  def one(rest, mb):
+    model = nnx.merge(graphdef, params, rest, copy=True)  # Variables of this trace level: the RNG counts move
+    out, grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, mb)
+    return nnx.split(model, nnx.Param, ...)[2], (out, grads)
+
+  if micro_steps == 1:
+    rest, (out, grads) = one(rest, batch)
+    return out, grads, rest
+  slices = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // micro_steps, micro_steps, *x.shape[1:]),
+                                               0, 1), batch)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(one, rest, jax.tree.map(lambda x: x[0], slices))[1])
+
+  def body(carry, mb):
+    rest, total = carry
+    rest, out = one(rest, mb)
+    return (rest, jax.tree.map(jnp.add, total, out)), None
+
+  (rest, (out, grads)), _ = jax.lax.scan(body, (rest, zeros), slices)
+  return out, grads, rest

@@ -33,32 +33,31 @@ PRETRAIN_LAYOUT = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use
 # ---------------------------------------------------------------------------------------------------------------
 # The step: a pure function of (state, batch, tokenizer state)
 # ---------------------------------------------------------------------------------------------------------------
-def mim_loss(logits, targets, weights):
-  """Cross-entropy and accuracy over the masked positions, normalised by the (global) masked count."""
+def mim_sums(logits, targets, weights):
+  """Summed cross-entropy and correct predictions over the masked positions, and their count. The step divides
+  the sums by the global masked count (it varies per image under blockwise masking)."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  count = weights.sum()
-  denom = jnp.maximum(count, 1.0)  # an all-empty batch cannot happen (masks hold >= 1 patch), but never 0/0
   correct = ((jnp.argmax(logits, -1) == targets) * weights).sum()
-  return (ce * weights).sum() / denom, correct / denom, count
+  return (ce * weights).sum(), {"correct": correct, "count": weights.sum()}
 
 
-def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, num_predict):
+def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, num_predict, micro_steps=1):
   tok = nnx.merge(tok_graphdef, tok_state)
   ids = jax.lax.stop_gradient(tok.encode(batch["tokenizer_image"]))
-  ids = ids.reshape(ids.shape[0], -1)
+  batch = {"image": batch["image"], "mask": batch["mask"], "ids": ids.reshape(ids.shape[0], -1)}
 
-  model = nnx.merge(graphdef, state["params"], state["rest"])
-
-  def loss_fn(model):
+  def loss_fn(model, batch):
     logits, positions, weights = model.masked_logits(batch["image"], batch["mask"], num_predict)
-    targets = jnp.take_along_axis(ids, positions, axis=1)
-    loss, acc, count = mim_loss(logits, targets, weights)
-    return loss, (acc, count)
+    return mim_sums(logits, jnp.take_along_axis(batch["ids"], positions, axis=1), weights)
 
-  # nnx.value_and_grad differentiates the Params and carries the drop-path RNG streams, which the forward pass
-  # advances, back into `model`; the updated non-Param state is split out below.
-  (loss, (acc, count)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-  _, _, rest = nnx.split(model, nnx.Param, ...)
+  # Gradients of the sums, over `micro_steps` slices of the batch (accumulation), then one division by the
+  # global masked count: the same loss and update whatever micro_steps is. The drop-path RNG streams, which the
+  # forward pass advances, come back in `rest`.
+  (ce_sum, sums), grads, rest = optim.summed_value_and_grad(loss_fn, graphdef, state["params"], state["rest"],
+                                                            batch, micro_steps)
+  denom = jnp.maximum(sums["count"], 1.0)  # an all-empty batch cannot happen (masks hold >= 1 patch): never 0/0
+  loss = ce_sum / denom
+  grads = jax.tree.map(lambda g: g / denom, grads)
   grad_norm = optim.global_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -73,7 +72,8 @@ def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, nu
       "rest": keep(rest, state["rest"]),
       "nonfinite_step": jnp.where(~ok & (state["nonfinite_step"] < 0), step, state["nonfinite_step"]),
   }
-  out = {"loss": loss, "mlm_acc": acc, "grad_norm": grad_norm, "lr": lr_fn(step), "masked": count}
+  out = {"loss": loss, "mlm_acc": sums["correct"] / denom, "grad_norm": grad_norm, "lr": lr_fn(step),
+         "masked": sums["count"]}
   return new_state, out
 
 
@@ -98,9 +98,13 @@ def eval_step(state, batch, tok_state, *, graphdef, tok_graphdef, num_predict, v
 def check_batch(config: ml_collections.ConfigDict, mesh) -> int:
   """The host-local batch size, after checking the global one divides over devices and hosts."""
   dp, hosts = sharding.data_parallel_size(mesh), jax.process_count()
-  if config.batch_size % dp:
+  accum = config.get("grad_accum", 1)
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.grad_accum={accum!r} must be a positive int (1 = no accumulation)")
+  if config.batch_size % (dp * accum):
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
-                     f"(config.mesh={dict(config.mesh)}, {jax.device_count()} devices)")
+                     f"times config.grad_accum={accum} (config.mesh={dict(config.mesh)}, "
+                     f"{jax.device_count()} devices): every device needs an equal share of every micro-batch")
   if config.batch_size % hosts:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {hosts} processes")
   return config.batch_size // hosts
@@ -130,6 +134,33 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return int(config.epochs * steps_per_epoch)
 
 
+def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh, steps: int, *,
+                 abstract: bool = False):
+  """(graphdef, train state, optimizer, lr schedule); the state created in its shardings, or with
+  `abstract=True` as ShapeDtypeStructs carrying them (nothing allocated: for ahead-of-time compilation)."""
+  graphdef, params, rest = sharding.create_sharded(
+      lambda: models.Beit(cfg, rngs=models.beit.make_rngs(config.seed)), mesh, abstract=abstract)
+  tx, lr_fn = optim.make(config.optim, params, steps)
+  rep = sharding.replicated(mesh)
+  scalar = ((lambda v: jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)) if abstract else
+            (lambda v: jax.device_put(jnp.int32(v), rep)))
+  state = {"step": scalar(0), "params": params,
+           "opt_state": sharding.create_opt_state(tx, params, mesh, abstract=abstract), "rest": rest,
+           "nonfinite_step": scalar(-1)}
+  return graphdef, state, tx, lr_fn
+
+
+def jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, num_predict: int):
+  """The step jitted with the state's shardings in and out (the state donated), the batch split over the data
+  axes, the tokenizer replicated. `state` may be abstract."""
+  state_sh, rep = sharding.shardings_of(state), sharding.replicated(mesh)
+  return jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tok_graphdef=tok_graphdef, tx=tx, lr_fn=lr_fn,
+                        num_predict=num_predict, micro_steps=config.get("grad_accum", 1)),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), rep), out_shardings=(state_sh, rep),
+      donate_argnums=(0,))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,15 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   spe = pipelines.steps_per_epoch(source, host_batch, shard.count)
   steps = total_steps(config, spe)
 
-  graphdef, params, rest = sharding.create_sharded(lambda: models.Beit(cfg, rngs=models.beit.make_rngs(config.seed)),
-                                                   mesh)
-  tx, lr_fn = optim.make(config.optim, params, steps)
-  if config.get("grad_accum", 1) > 1:
-    tx = optax.MultiSteps(tx, config.grad_accum)
+  graphdef, state, tx, lr_fn = create_state(config, cfg, mesh, steps)
   rep = sharding.replicated(mesh)
-  state = {"step": jax.device_put(jnp.int32(0), rep), "params": params,
-           "opt_state": sharding.create_opt_state(tx, params, mesh), "rest": rest,
-           "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
   tok_graphdef, tok_state = nnx.split(tok)
   tok_state = jax.device_put(tok_state, rep)
 
@@ -173,12 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
   start = int(jax.device_get(state["step"]))
 
-  state_sh = sharding.shardings_of(state)
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tok_graphdef=tok_graphdef, tx=tx, lr_fn=lr_fn,
-                        num_predict=mask_spec.num_masked),
-      in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
+  state_sh, batch_sh = sharding.shardings_of(state), sharding.batch_sharding(mesh)
+  step_fn = jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, mask_spec.num_masked)
 
   transform = pipelines.pretrain_transform(
       seed=config.seed, image_size=d.image_size, tokenizer_size=d.tokenizer_size,
@@ -193,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics.create_writer(str(workdir))
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
-  progress = metrics.report_progress(steps, writer, config.log_every)
+  hooks = metrics.step_hooks(config, steps, writer, str(workdir))
   preempt = checkpoints.Preemption()
   history, last, t0 = [], {}, time.time()
   meta = lambda s: {"step": s, "model_config": cfg.to_dict()}
@@ -202,8 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for step in range(start + 1, steps + 1):
         state, out = step_fn(state, next(batches), tok_state)
         history.append(out)
-        if progress is not None:
-          progress(step)
+        for hook in hooks:
+          hook(step)
         if step % config.log_every == 0 or step == steps or preempt.requested:
           metrics.check_finite(state, ckpts.latest_step())
           last = metrics.mean_of(history)
@@ -217,7 +237,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preempt.restore()
     ckpts.close()
     writer.flush()
-  if config.get("eval_split") and not preempt.requested:
+  finished = int(jax.device_get(state["step"])) == steps
+  model_dir = workdir / "model"  # the trained backbone (+ MIM head): fine-tuning's and PeCo's perceptual `init`
+  if finished and not (model_dir / str(steps)).exists():  # every process calls orbax: multi-host saves are collective
+    checkpoints.save_model(model_dir, nnx.merge(graphdef, state["params"], state["rest"]), step=steps)
+  if config.get("eval_split") and finished:
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, tok_graphdef=tok_graphdef,
                                         num_predict=mask_spec.num_masked, vocab_size=cfg.vocab_size),
                       in_shardings=(state_sh, batch_sh, rep), out_shardings=rep)

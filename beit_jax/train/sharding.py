@@ -79,11 +79,18 @@ def _variable_shardings(mesh: Mesh, state: nnx.State, rules) -> nnx.State:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def create_sharded(create: Callable[[], nnx.Module], mesh: Mesh, filters=(nnx.Param, ...), rules=RULES):
+def _abstract(shapes, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def create_sharded(create: Callable[[], nnx.Module], mesh: Mesh, filters=(nnx.Param, ...), rules=RULES, *,
+                   abstract: bool = False):
   """(graphdef, *states) of `create()`, each array created directly in its sharding by one jitted init.
 
   No device ever holds the whole unsharded model: the shardings come from the parameters' logical axes
-  (abstractly, via nnx.eval_shape), and the init runs under jax.jit with those as out_shardings.
+  (abstractly, via nnx.eval_shape), and the init runs under jax.jit with those as out_shardings. With
+  `abstract=True` nothing is allocated: the states hold jax.ShapeDtypeStructs with their shardings, for
+  lowering and compiling a step ahead of time (memory and cost analysis, other topologies).
   """
   def init():
     return tuple(nnx.split(create(), *filters)[1:])
@@ -91,17 +98,20 @@ def create_sharded(create: Callable[[], nnx.Module], mesh: Mesh, filters=(nnx.Pa
   # Under the mesh and rules flax also constrains each new variable to its sharding inside the jit (and the
   # variables' metadata records that, so the abstract pass must run in the same context).
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, *abstract = nnx.split(nnx.eval_shape(create), *filters)
-    shardings = tuple(_variable_shardings(mesh, s, rules) for s in abstract)
-    states = jax.jit(init, out_shardings=shardings)()
+    graphdef, *shapes = nnx.split(nnx.eval_shape(create), *filters)
+    shardings = tuple(_variable_shardings(mesh, s, rules) for s in shapes)
+    states = _abstract(tuple(shapes), shardings) if abstract else jax.jit(init, out_shardings=shardings)()
   return (graphdef, *states)
 
 
-def create_opt_state(tx, params, mesh: Mesh):
+def create_opt_state(tx, params, mesh: Mesh, *, abstract: bool = False):
   """`tx.init(params)` created directly in its shardings: moments shaped like a parameter are sharded like it,
-  everything else (step counts) replicated."""
-  out = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings_of(params),
+  everything else (step counts) replicated. `abstract=True`: ShapeDtypeStructs, nothing allocated."""
+  shapes = jax.eval_shape(tx.init, params)
+  out = optax.tree_map_params(tx, lambda _, s: s, shapes, shardings_of(params),
                               transform_non_params=lambda _: replicated(mesh))
+  if abstract:
+    return _abstract(shapes, out)
   with jax.set_mesh(mesh):
     return jax.jit(tx.init, out_shardings=out)(params)
 

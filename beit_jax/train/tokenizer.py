@@ -199,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return device.global_batches(it, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
-  progress = metrics.report_progress(steps, writer, config.log_every)
+  hooks = metrics.step_hooks(config, steps, writer, str(workdir))
   preempt = checkpoints.Preemption()
   history, last, t0 = [], {}, time.time()
   try:
@@ -208,8 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         gan = step > config.loss.disc_start
         state, out = steps_fn[gan](state, next(batches)["image"], perc_state)
         history.append(out)
-        if progress is not None:
-          progress(step)
+        for hook in hooks:
+          hook(step)
         if step % config.log_every == 0 or step == steps or preempt.requested:
           metrics.check_finite(state, ckpts.latest_step())
           last = metrics.mean_of(history)
