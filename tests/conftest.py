@@ -64,3 +64,33 @@ def assert_parity(ours, ref, atol: float = 1e-5, what: str = "output"):
   print(f"{what}: max abs diff {diff:.3g} (max |ref| {scale:.3g})")
   assert 0.1 < scale < 100, f"{what}: reference magnitude {scale} makes the tolerance meaningless"
   assert diff <= atol, f"{what}: max abs diff {diff} > {atol}"
+
+
+# -- the pre-training loop tests' tokenizer and config (test_pretrain.py, test_multiprocess.py) ---------------
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+  """A small DALL-E encoder with random weights: fixed targets for loop mechanics (the demo trains a real one)."""
+  path = tmp_path_factory.mktemp("tok") / "encoder.safetensors"
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from beit_jax.tokenizers import dalle  # pylint: disable=import-outside-toplevel
+  tok = dalle.DalleTokenizer(dalle.DalleConfig(n_hid=64, n_blk_per_group=1, vocab_size=512), decoder=False,
+                             rngs=nnx.Rngs(0))
+  dalle.save_safetensors(tok.encoder, path, "encoder")
+  return path
+
+
+def tiny_config(tokenizer_file, **kw):
+  """The pre-training config of the loop tests: a tiny BEiT on 32x32 Fashion-MNIST, 4 steps of batch 16."""
+  from beit_jax import configs  # pylint: disable=import-outside-toplevel
+  c = configs.pretrain()
+  c.model.name = "beit_test_tiny"
+  c.model.overrides = {"drop_path_rate": 0.1}
+  c.tokenizer.encoder = str(tokenizer_file)
+  c.data.source = "fashion_mnist_files"
+  c.data.image_size = c.data.tokenizer_size = 32
+  c.data.mask = {"num_masked": 6, "min_block": 2, "min_aspect": 0.3, "kind": "blockwise"}
+  c.batch_size, c.total_steps, c.log_every, c.ckpt_every = 16, 4, 2, 2
+  c.optim.warmup_steps = 1
+  for k, v in kw.items():
+    c[k] = v
+  return c

@@ -10,36 +10,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from beit_jax import configs
-from beit_jax.tokenizers import dalle
 from beit_jax.train import pretrain, sharding
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-  """A small DALL-E encoder with random weights: fixed targets for loop mechanics (the demo trains a real one)."""
-  path = tmp_path_factory.mktemp("tok") / "encoder.safetensors"
-  tok = dalle.DalleTokenizer(dalle.DalleConfig(n_hid=64, n_blk_per_group=1, vocab_size=512), decoder=False,
-                             rngs=nnx.Rngs(0))
-  dalle.save_safetensors(tok.encoder, path, "encoder")
-  return path
-
-
-def tiny_config(tokenizer_file, **kw):
-  c = configs.pretrain()
-  c.model.name = "beit_test_tiny"
-  c.model.overrides = {"drop_path_rate": 0.1}
-  c.tokenizer.encoder = str(tokenizer_file)
-  c.data.source = "fashion_mnist_files"
-  c.data.image_size = c.data.tokenizer_size = 32
-  c.data.mask = {"num_masked": 6, "min_block": 2, "min_aspect": 0.3, "kind": "blockwise"}
-  c.batch_size, c.total_steps, c.log_every, c.ckpt_every = 16, 4, 2, 2
-  c.optim.warmup_steps = 1
-  for k, v in kw.items():
-    c[k] = v
-  return c
+from conftest import tiny_config  # the subprocesses below call it as test_pretrain.tiny_config
 
 
 def saved_steps(workdir):
@@ -97,6 +70,9 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path, tokenizer_file):
   for a, b in zip(jax.tree.leaves(params_np(ref)), jax.tree.leaves(params_np(resumed))):
     np.testing.assert_array_equal(a, b)
   print(f"killed after checkpoint {killed_at}, resumed, bitwise equal at step 12")
+  # The same workdir under a config that ends earlier is another run's: an error, not a silent no-op.
+  with pytest.raises(ValueError, match="checkpoint at step 12, past this config's 6 steps"):
+    pretrain.train_and_evaluate(tiny_config(tokenizer_file, total_steps=6, ckpt_every=2), workdir)
 
 
 def test_sigterm_saves_and_stops(tmp_path, tokenizer_file):

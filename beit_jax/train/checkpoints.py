@@ -122,6 +122,13 @@ class TrainCheckpoints:
     self._mngr.close()
 
 
+def check_resume(start: int, total_steps: int, directory) -> None:
+  """A workdir whose checkpoint is past this config's end belongs to another run: say so, never skip silently."""
+  if start > total_steps:
+    raise ValueError(f"{directory} holds a checkpoint at step {start}, past this config's {total_steps} steps: "
+                     "use a new workdir, or set config.total_steps to at least that step")
+
+
 class Preemption:
   """SIGTERM (preemption, `kill`) asks a training loop to checkpoint and stop at the next step."""
 

@@ -196,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, meta = restored
     logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
   start = int(jax.device_get(state["step"]))
+  checkpoints.check_resume(start, steps, ckpts.directory)
 
   state_sh, batch_sh = sharding.shardings_of(state), sharding.batch_sharding(mesh)
   step_fn = jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, mask_spec.num_masked)

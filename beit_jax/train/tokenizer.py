@@ -169,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if restored is not None:
     state, _ = restored
   start = int(jax.device_get(state["step"]))
+  checkpoints.check_resume(start, steps, ckpts.directory)
 
   perc_state = jax.device_put(perceptual.state, rep) if perceptual is not None else None
   state_sh = sharding.shardings_of(state)
