@@ -73,3 +73,58 @@ def tokenizer() -> ml_collections.ConfigDict:
   c.profile_first_step = 0  # > 0: a profiler trace of `profile_steps` steps from this one, into workdir
   c.profile_steps = 5
   return c
+
+
+def finetune() -> ml_collections.ConfigDict:
+  """ImageNet-1K fine-tuning of BEiT-B/16 (paper Table 13; unilm get_started_for_image_classification.md: 8 GPUs
+  x 128, lr 4e-3, 100 epochs, 20 warm-up, layer decay 0.65, drop path 0.1, wd 0.05, mixup 0.8 / cutmix 1.0)."""
+  c = ml_collections.ConfigDict()
+  c.mode = "finetune"
+  c.seed = 0
+  c.init = ""  # "checkpoint:DIR" (ours) or "pytorch:PATH" (unilm/timm/HF); "" = from scratch
+  c.model = ml_collections.ConfigDict({"name": "beit_base_patch16_224",
+                                       "overrides": {"drop_path_rate": 0.1, "global_pool": "avg"}})
+  c.data = ml_collections.ConfigDict({
+      "source": "tfds:imagenet2012", "split": "train", "data_dir": None, "image_size": 224, "crop_pct": None,
+      "mean_std": "inception", "threads": None,
+      # timm create_transform with unilm's defaults: rand-m9-mstd0.5-inc1 (2 ops), reprob 0.25 (pixel mode).
+      "augment": {"crop_scale": (0.08, 1.0), "rand_augment": (2, 9.0, 0.5), "erase_prob": 0.25},
+  })
+  c.mixup = ml_collections.ConfigDict({"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.5, "prob": 1.0})
+  c.label_smoothing = 0.1
+  c.batch_size = 1024
+  c.epochs = 100
+  c.total_steps = 0
+  c.optim = ml_collections.ConfigDict({
+      "name": "adamw", "lr": 4e-3, "min_lr": 1e-6, "warmup_steps": 20 * 1251, "weight_decay": 0.05,
+      "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad": 0.0, "layer_decay": 0.65})
+  c.ema_decay = 0.0  # > 0: also keep (and evaluate, and save) an EMA of the weights
+  c.grad_accum = 1
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.num_devices = 0
+  c.log_every = 100
+  c.ckpt_every = 5000
+  c.keep_checkpoints = 3
+  c.profile_first_step = 0
+  c.profile_steps = 5
+  c.eval_split = "validation"
+  return c
+
+
+def linear_probe() -> ml_collections.ConfigDict:
+  """Linear probing of a frozen BEiT-B (paper appendix D, unilm run_linear_eval.py): one linear head per block
+  on concat([CLS], mean of patch tokens), trained in parallel; AdamW lr 4e-3, wd 1e-4, cosine to 0, batch 1024,
+  50 epochs, RandomResizedCrop + flip. The paper's best block: 9 (base, 56.7%), 14 (large, 73.5%)."""
+  c = finetune()
+  c.mode = "linear_probe"
+  c.model.overrides = {"drop_path_rate": 0.0}
+  c.data.augment = {"crop_scale": (0.08, 1.0), "rand_augment": None, "erase_prob": 0.0}
+  c.mixup = None
+  c.label_smoothing = 0.0
+  # layers (): every block 1..depth; normalize: standardise features per example (ours, see models/heads.py)
+  c.probe = ml_collections.ConfigDict({"layers": (), "use_cls": True, "normalize": True})
+  c.epochs = 50
+  c.optim = ml_collections.ConfigDict({
+      "name": "adamw", "lr": 4e-3, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 1e-4,
+      "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad": 0.0, "layer_decay": 1.0})
+  return c

@@ -1,8 +1,11 @@
 """The entry point: `python -m beit_jax.main --config=configs/<file>.py --workdir=DIR [--config.key=value ...]`.
 
 `config.mode` picks the loop (a readable trainer per mode):
-  tokenizer   train a PeCo perceptual VQ tokenizer          beit_jax/train/tokenizer.py
-  pretrain    BEiT / PeCo masked image modeling             beit_jax/train/pretrain.py
+  tokenizer     train a PeCo perceptual VQ tokenizer                 beit_jax/train/tokenizer.py
+  pretrain      BEiT / PeCo masked image modeling                    beit_jax/train/pretrain.py
+  finetune      classification fine-tuning from `config.init`        beit_jax/train/finetune.py
+  eval          top-1/top-5 of the classifier `config.init` names    beit_jax/train/finetune.py
+  linear_probe  one linear probe per block of a frozen backbone      beit_jax/train/linear_probe.py
 
 Multi-host: with `--distributed` (or BEIT_JAX_DISTRIBUTED=1; on Cloud TPU and SLURM jax finds the rest of the
 set-up itself), `jax.distributed.initialize()` runs before anything touches a device.

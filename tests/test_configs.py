@@ -24,7 +24,7 @@ def test_config_is_complete(path):
   module, c = load(path)
   assert c.mode in modes.MODES
   assert "python -m beit_jax.main --config=configs/" + path.name in module.__doc__.replace("\\\n", "")
-  if c.mode == "pretrain":
+  if c.mode in ("pretrain", "finetune", "linear_probe", "eval"):
     cfg = registry.get_config(c.model.name, **dict(c.model.overrides))
     assert cfg.img_size == c.data.image_size
     assert c.batch_size > 0 and c.optim.lr > 0
@@ -37,6 +37,20 @@ def test_paper_hyper_parameters_are_the_defaults():
   assert (c.optim.b1, c.optim.b2) == (0.9, 0.999) and c.model.overrides.drop_path_rate == 0.1
   assert dict(c.data.mask) == {"num_masked": 75, "min_block": 16, "min_aspect": 0.3, "kind": "blockwise"}
   assert (c.data.image_size, c.data.tokenizer_size, c.data.color_jitter) == (224, 112, 0.4)
+
+
+def test_finetune_and_probe_recipes_are_the_papers():
+  _, c = load(pathlib.Path(__file__).parent.parent / "configs" / "beit_base_finetune.py", "")
+  assert (c.batch_size, c.epochs, c.optim.lr, c.optim.min_lr, c.optim.weight_decay, c.optim.layer_decay) == (
+      1024, 100, 4e-3, 1e-6, 0.05, 0.65)
+  assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.label_smoothing, c.model.overrides.drop_path_rate) == (
+      0.8, 1.0, 0.1, 0.1)
+  assert (tuple(c.data.augment.rand_augment), c.data.augment.erase_prob, c.optim.clip_grad) == ((2, 9.0, 0.5), 0.25, 0)
+  _, c = load(pathlib.Path(__file__).parent.parent / "configs" / "beit_large_finetune.py", "")
+  assert (c.epochs, c.optim.lr, c.optim.layer_decay, c.model.overrides.drop_path_rate) == (50, 1e-3, 0.75, 0.2)
+  _, c = load(pathlib.Path(__file__).parent.parent / "configs" / "beit_base_linear_probe.py", "")
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.min_lr, c.batch_size, c.probe.use_cls) == (
+      4e-3, 1e-4, 0.0, 1024, True)
 
 
 def test_unknown_key_is_named_before_anything_runs(tmp_path):

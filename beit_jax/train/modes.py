@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import importlib
 
-MODES = {  # mode -> module with train_and_evaluate(config, workdir)
-    "tokenizer": "beit_jax.train.tokenizer",
-    "pretrain": "beit_jax.train.pretrain",
+MODES = {  # mode -> (module, function(config, workdir))
+    "tokenizer": ("beit_jax.train.tokenizer", "train_and_evaluate"),
+    "pretrain": ("beit_jax.train.pretrain", "train_and_evaluate"),
+    "finetune": ("beit_jax.train.finetune", "train_and_evaluate"),
+    "eval": ("beit_jax.train.finetune", "evaluate_checkpoint"),
+    "linear_probe": ("beit_jax.train.linear_probe", "train_and_evaluate"),
 }
 
 
@@ -13,4 +16,5 @@ def run(config, workdir: str):
   mode = config.get("mode")
   if mode not in MODES:
     raise ValueError(f"config.mode={mode!r}: use one of {sorted(MODES)}")
-  return importlib.import_module(MODES[mode]).train_and_evaluate(config, workdir)
+  module, function = MODES[mode]
+  return getattr(importlib.import_module(module), function)(config, workdir)

@@ -24,7 +24,7 @@ RULES = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None), ("relpos", None), ("classes", None), ("patch", None), ("channels", None),
-    ("conv_in", None), ("conv_out", "fsdp"), ("codebook", None), ("code_dim", None),
+    ("conv_in", None), ("conv_out", "fsdp"), ("codebook", None), ("code_dim", None), ("probes", None),
 )
 
 
@@ -102,6 +102,15 @@ def create_sharded(create: Callable[[], nnx.Module], mesh: Mesh, filters=(nnx.Pa
     shardings = tuple(_variable_shardings(mesh, s, rules) for s in shapes)
     states = _abstract(tuple(shapes), shardings) if abstract else jax.jit(init, out_shardings=shardings)()
   return (graphdef, *states)
+
+
+def place(module: nnx.Module, mesh: Mesh, filters=(nnx.Param, ...), rules=RULES):
+  """(graphdef, *states) of an existing module (e.g. a loaded checkpoint), each array put in the sharding its
+  logical axes give. The module is built on the host first: right for models that fit one host's memory
+  (every BEiT size); a model too large for that would be restored sharded from an orbax checkpoint instead."""
+  graphdef, *states = nnx.split(module, *filters)
+  with jax.set_mesh(mesh):
+    return (graphdef, *(jax.device_put(s, _variable_shardings(mesh, s, rules)) for s in states))
 
 
 def create_opt_state(tx, params, mesh: Mesh, *, abstract: bool = False):

@@ -1,0 +1,286 @@
+"""Fine-tuning a (pre-trained) BEiT for classification, and evaluating a classifier: one readable loop each.
+
+Start: `config.init` names the weights: "" (from scratch), "checkpoint:DIR" (a model saved by our loops, e.g.
+a pre-training run's workdir/model, or by `beit-convert`), or "pytorch:PATH" (a unilm/timm/HF checkpoint). The
+converter's one path does the rest, as unilm's run_class_finetuning.py: the shared relative position table is
+copied into every block, position tables are resized to the new image size (224 -> 384), the MIM head is
+dropped and a new classification head (mean pooling + fc_norm by default) starts at 0.001 of its init scale.
+
+Per step: mixup/cutmix (or label smoothing alone) on device, soft-target cross-entropy, AdamW with layer-wise
+learning-rate decay and the weight-decay mask, cosine schedule with warm-up, optional EMA of the weights.
+Evaluation: top-1/top-5 over the eval split, every example counted exactly once across hosts.
+
+  python -m beit_jax.main --config=configs/fmnist_finetune.py:/tmp/beit_demo/pretrain_run/model --workdir=/tmp/ft
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from beit_jax import convert, models
+from beit_jax.data import mixup
+from beit_jax.train import checkpoints, metrics, optim, sharding
+from beit_jax.train.pretrain import check_batch, total_steps
+
+# What a classifier is, whatever the checkpoint it starts from (beit/modeling_finetune.py).
+FINETUNE_LAYOUT = dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=False, use_mask_token=False, vocab_size=0,
+                       init_style="finetune")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------------------------------
+def soft_ce_sums(logits, targets):
+  """Summed soft-target cross-entropy (timm's SoftTargetCrossEntropy x B) and the example count."""
+  ce = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+  return ce.sum(), {"count": jnp.float32(ce.shape[0]),
+                    "correct": (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).sum().astype(jnp.float32)}
+
+
+def train_step(state, batch, *, graphdef, tx, lr_fn, num_classes, mix, seed, micro_steps=1, ema_decay=0.0):
+  step = state["step"]
+  key = jax.random.fold_in(jax.random.key(seed), step)  # a fresh mixup draw per step, the same after a resume
+  if mix:
+    images, targets = mixup.mixup_cutmix(key, batch["image"], batch["label"], num_classes, **mix)
+  else:
+    images, targets = batch["image"], mixup.smooth_one_hot(batch["label"], num_classes, 0.0)
+
+  def loss_fn(model, b):
+    return soft_ce_sums(model(b["image"]), b["targets"])
+
+  (ce_sum, sums), grads, rest = optim.summed_value_and_grad(
+      loss_fn, graphdef, state["params"], state["rest"], {"image": images, "targets": targets}, micro_steps)
+  loss = ce_sum / sums["count"]
+  grads = jax.tree.map(lambda g: g / sums["count"], grads)
+  grad_norm = optim.global_norm(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  new_state = {**state, "step": step + 1, "params": keep(params, state["params"]),
+               "opt_state": keep(opt_state, state["opt_state"]), "rest": keep(rest, state["rest"]),
+               "nonfinite_step": jnp.where(~ok & (state["nonfinite_step"] < 0), step, state["nonfinite_step"])}
+  if ema_decay:
+    new_state["ema"] = keep(jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params),
+                            state["ema"])
+  out = {"loss": loss, "train_acc": sums["correct"] / sums["count"], "grad_norm": grad_norm, "lr": lr_fn(step)}
+  return new_state, out
+
+
+def eval_step(params, rest, batch, *, graphdef):
+  """Sums over the valid rows: top-1 and top-5 hits, and the count."""
+  model = nnx.merge(graphdef, params, rest)
+  model.eval()
+  logits = model(batch["image"])
+  valid = batch["valid"].astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  top = jax.lax.top_k(logits, k)[1]
+  hit = top == batch["label"][:, None]
+  return {"top1": (hit[:, 0] * valid).sum(), "top5": (hit.any(-1) * valid).sum(), "count": valid.sum()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up helpers (the linear probe shares them)
+# ---------------------------------------------------------------------------------------------------------------
+def model_config(config: ml_collections.ConfigDict, num_classes: int, **layout) -> models.BeitConfig:
+  overrides = {**FINETUNE_LAYOUT, **dict(config.model.get("overrides", {})), "num_classes": num_classes, **layout}
+  cfg = models.get_config(config.model.name, **overrides)
+  if cfg.img_size != config.data.image_size:
+    raise ValueError(f"config.data.image_size={config.data.image_size} differs from the model's img_size "
+                     f"{cfg.img_size} (config.model.name={config.model.name!r}; set "
+                     f"config.model.overrides.img_size to fine-tune at another resolution)")
+  return cfg
+
+
+def check_init(init: str) -> None:
+  """Fails before anything is built when `config.init` is malformed or names a missing file."""
+  if not init:
+    return
+  kind, _, path = init.partition(":")
+  if kind not in ("checkpoint", "pytorch") or not path:
+    raise ValueError(f"config.init={init!r}: use '' (from scratch), 'checkpoint:DIR' or 'pytorch:PATH'")
+  if not pathlib.Path(path).exists():
+    raise FileNotFoundError(f"config.init={init!r}: {path} does not exist")
+
+
+def init_model(init: str, cfg: models.BeitConfig, seed: int, *, trained_head: bool = False) -> models.Beit:
+  """The model of `cfg` with the weights `init` names (see the module docstring); task tensors the checkpoint
+  lacks (the new head) are freshly initialised, those `cfg` lacks (the MIM head) dropped. `trained_head=True`
+  (evaluation) instead requires the checkpoint's head to be a classifier of cfg.num_classes."""
+  check_init(init)
+  if not init:
+    return models.Beit(cfg, rngs=models.beit.make_rngs(seed))
+  kind, _, path = init.partition(":")
+  if kind == "checkpoint":  # ours -> unilm names -> the same loader as every PyTorch checkpoint
+    sd = convert.export_state_dict(checkpoints.load_model(path))
+  else:
+    sd = convert.read_state_dict(path)
+  if trained_head:
+    head = convert.to_timm_names(sd).get("head.weight")
+    if head is None or head.shape[0] != cfg.num_classes:
+      raise ValueError(f"config.init={init!r} has no classification head of {cfg.num_classes} classes (the eval "
+                       f"split's count; the checkpoint's head: {None if head is None else tuple(head.shape)}): "
+                       "evaluate a fine-tuned classifier")
+  return convert.load_state_dict(sd, cfg, seed=seed)
+
+
+def evaluate(eval_fn, params, rest, batches) -> dict[str, float]:
+  sums = None
+  for batch in batches:
+    out = jax.device_get(eval_fn(params, rest, batch))
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  n = float(sums["count"])
+  return {"top1": float(sums["top1"]) / n, "top5": float(sums["top5"]) / n, "count": n}
+
+
+def eval_batches(config, mesh, host_batch: int):
+  """The eval split as global batches (padded rows marked invalid), each example once across hosts."""
+  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  d = config.data
+  source = sources.get_source(d.source, config.eval_split, d.get("data_dir"))
+  transform = pipelines.eval_transform(image_size=d.image_size, crop_pct=d.get("crop_pct"),
+                                       mean_std=pipelines.mean_std(d.mean_std))
+  it = pipelines.eval_batches(source, transform, host_batch=host_batch, shard=pipelines.Shard.of_this_process())
+  it = ({"image": b["image"], "label": b["label"], "valid": b["valid"]} for b in it)
+  return device.global_batches(it, mesh, sharding.BATCH_AXES)
+
+
+def jit_eval(graphdef, params, rest, mesh):
+  rep = sharding.replicated(mesh)
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                 in_shardings=(sharding.shardings_of(params), sharding.shardings_of(rest),
+                               sharding.batch_sharding(mesh)), out_shardings=rep)
+
+
+def mixup_args(config) -> dict | None:
+  m = config.get("mixup")
+  if not m or (m.mixup_alpha <= 0 and m.cutmix_alpha <= 0):
+    return None
+  return {"mixup_alpha": m.mixup_alpha, "cutmix_alpha": m.cutmix_alpha, "switch_prob": m.switch_prob,
+          "prob": m.prob, "smoothing": config.label_smoothing}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loops
+# ---------------------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+
+  workdir = pathlib.Path(workdir)
+  check_init(config.init)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
+  host_batch = check_batch(config, mesh)
+  d = config.data
+  source = sources.get_source(d.source, d.split, d.get("data_dir"))
+  cfg = model_config(config, source.num_classes)
+  shard = pipelines.Shard.of_this_process()
+  steps = total_steps(config, pipelines.steps_per_epoch(source, host_batch, shard.count))
+
+  graphdef, params, rest = sharding.place(init_model(config.init, cfg, config.seed), mesh)
+  tx, lr_fn = optim.make(config.optim, params, steps, depth=cfg.depth)
+  rep = sharding.replicated(mesh)
+  state = {"step": jax.device_put(jnp.int32(0), rep), "params": params,
+           "opt_state": sharding.create_opt_state(tx, params, mesh), "rest": rest,
+           "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
+  ema_decay = float(config.get("ema_decay", 0.0))
+  if ema_decay:
+    state["ema"] = jax.tree.map(jnp.copy, params)
+
+  ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
+  restored = ckpts.restore(state)
+  if restored is not None:
+    state, meta = restored
+    logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
+  start = int(jax.device_get(state["step"]))
+  checkpoints.check_resume(start, steps, ckpts.directory)
+
+  state_sh = sharding.shardings_of(state)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, num_classes=cfg.num_classes,
+                        mix=mixup_args(config), seed=config.seed, micro_steps=config.get("grad_accum", 1),
+                        ema_decay=ema_decay),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, rep), donate_argnums=(0,))
+
+  aug = d.augment
+  transform = pipelines.finetune_transform(
+      seed=config.seed, image_size=d.image_size, scale=tuple(aug.crop_scale),
+      rand_augment=tuple(aug.rand_augment) if aug.rand_augment else None, erase_prob=aug.erase_prob,
+      mean_std=pipelines.mean_std(d.mean_std))
+  host_batches = ({"image": b["image"], "label": b["label"]} for b in pipelines.train_batches(
+      source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard,
+      channels=3, threads=d.get("threads")))
+  batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
+
+  writer = metrics.create_writer(str(workdir))
+  hooks = metrics.step_hooks(config, steps, writer, str(workdir))
+  preempt = checkpoints.Preemption()
+  history, last, t0 = [], {}, time.time()
+  meta = lambda s: {"step": s, "model_config": cfg.to_dict()}
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start + 1, steps + 1):
+        state, out = step_fn(state, next(batches))
+        history.append(out)
+        for hook in hooks:
+          hook(step)
+        if step % config.log_every == 0 or step == steps or preempt.requested:
+          metrics.check_finite(state, ckpts.latest_step())
+          last = metrics.mean_of(history)
+          history = []
+          writer.write_scalars(step, last)
+        if step % config.ckpt_every == 0 or step == steps or preempt.requested:
+          ckpts.save(step, state, meta(step))
+        if preempt.requested:
+          break
+  finally:
+    preempt.restore()
+    ckpts.close()
+    writer.flush()
+  finished = int(jax.device_get(state["step"])) == steps
+  model_dir = workdir / "model"
+  if finished and not (model_dir / str(steps)).exists():  # collective under multi-host, as every orbax save
+    checkpoints.save_model(model_dir, nnx.merge(graphdef, state["ema"] if ema_decay else state["params"],
+                                                 state["rest"]), step=steps)
+  if config.get("eval_split") and finished:
+    eval_fn = jit_eval(graphdef, state["params"], state["rest"], mesh)
+    with jax.set_mesh(mesh):
+      res = evaluate(eval_fn, state["params"], state["rest"], eval_batches(config, mesh, host_batch))
+      last.update(eval_top1=res["top1"], eval_top5=res["top5"], eval_count=res["count"])
+      if ema_decay:
+        res = evaluate(eval_fn, state["ema"], state["rest"], eval_batches(config, mesh, host_batch))
+        last.update(eval_ema_top1=res["top1"], eval_ema_top5=res["top5"])
+    writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
+  logging.info("fine-tuning done in %.0f s: %s", time.time() - t0, last)
+  return {"state": state, "graphdef": graphdef, "metrics": last, "model_config": cfg}
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`config.mode = "eval"`: top-1/top-5 of the classifier `config.init` names on `config.eval_split`."""
+  from beit_jax.data import sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  if not config.init:
+    raise ValueError("config.init is empty: name the classifier to evaluate ('checkpoint:DIR' or 'pytorch:PATH')")
+  check_init(config.init)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
+  host_batch = check_batch(config, mesh)
+  d = config.data
+  num_classes = sources.get_source(d.source, config.eval_split, d.get("data_dir")).num_classes
+  model = init_model(config.init, model_config(config, num_classes), config.seed, trained_head=True)
+  graphdef, params, rest = sharding.place(model, mesh)
+  with jax.set_mesh(mesh):
+    res = evaluate(jit_eval(graphdef, params, rest, mesh), params, rest, eval_batches(config, mesh, host_batch))
+  out = {"eval_top1": res["top1"], "eval_top5": res["top5"], "eval_count": res["count"]}
+  writer = metrics.create_writer(str(workdir))
+  writer.write_scalars(0, out)
+  writer.flush()
+  logging.info("evaluation of %s on %s: %s", config.init, config.eval_split, out)
+  return {"metrics": out}

@@ -1,0 +1,186 @@
+"""Linear probing of a frozen BEiT: one linear classifier per block, all trained in the same steps.
+
+The original protocol (paper appendix D, unilm run_linear_eval.py): features = concat([CLS], mean of patch
+tokens) of a block's output, a linear head per block trained in parallel, AdamW with weight decay 1e-4 and a
+cosine schedule; the best block is the result (block 9 of 12 for BEiT-B). The backbone never changes: it is an
+argument of the step, not part of the trained state, and its features carry a stop_gradient, so XLA computes
+no backbone gradients. `config.probe.layers` restricts the blocks ((): all), `config.probe.use_cls=False`
+probes the mean of patch tokens alone, `config.probe.normalize=False` drops our per-example standardisation of
+the features (see models/heads.py for why it is on).
+
+  python -m beit_jax.main --config=configs/fmnist_linear_probe.py:/tmp/beit_demo/pretrain_run/model \\
+      --workdir=/tmp/probe
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from beit_jax import convert, models
+from beit_jax.models.heads import LinearProbes, probe_features
+from beit_jax.train import checkpoints, finetune, metrics, optim, sharding
+from beit_jax.train.pretrain import check_batch, total_steps
+
+
+def load_backbone(config: ml_collections.ConfigDict) -> models.Beit:
+  """The frozen network `config.init` names, in its own layout (a pre-training checkpoint keeps its shared
+  relative position table, as unilm's probe does); "" = random init of config.model (the probe's floor)."""
+  finetune.check_init(config.init)
+  kind, _, path = config.init.partition(":")
+  if kind == "checkpoint":
+    model = checkpoints.load_model(path)
+  elif kind == "pytorch":
+    model = convert.load_pytorch_checkpoint(path)
+  else:
+    model = models.Beit(models.get_config(config.model.name, **dict(config.model.get("overrides", {}))),
+                        rngs=models.beit.make_rngs(config.seed))
+  if model.config.img_size != config.data.image_size:
+    raise ValueError(f"config.data.image_size={config.data.image_size} but the backbone ({config.init or 'random'}) "
+                     f"takes {model.config.img_size} px images")
+  model.eval()
+  return model
+
+
+def probe_blocks(config, depth: int) -> tuple[int, ...]:
+  blocks = tuple(config.probe.layers) or tuple(range(1, depth + 1))
+  if any(not 0 <= b <= depth for b in blocks):
+    raise ValueError(f"config.probe.layers={blocks}: each must be in [0, {depth}] (0: the patch embedding, l: "
+                     f"the output of block l)")
+  return blocks
+
+
+def _features(backbone_def, backbone_state, images, blocks, use_cls, normalize):
+  backbone = nnx.merge(backbone_def, backbone_state)
+  _, hidden = backbone.encode(images, return_hidden_states=True)
+  return jax.lax.stop_gradient(probe_features(hidden, blocks, use_cls, normalize))
+
+
+def train_step(state, batch, backbone_state, *, graphdef, backbone_def, tx, lr_fn, blocks, use_cls, normalize, micro_steps=1):
+  def loss_fn(probes, b):
+    logits = probes(_features(backbone_def, backbone_state, b["image"], blocks, use_cls, normalize))  # [P, B, C]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["label"][None])
+    correct = (jnp.argmax(logits, -1) == b["label"][None]).sum(axis=1).astype(jnp.float32)
+    return ce.sum(), {"count": jnp.float32(b["label"].shape[0]), "correct": correct}
+
+  (ce_sum, sums), grads, rest = optim.summed_value_and_grad(
+      loss_fn, graphdef, state["params"], state["rest"], {"image": batch["image"], "label": batch["label"]},
+      micro_steps)
+  n = sums["count"]
+  grads = jax.tree.map(lambda g: g / n, grads)  # each probe's gradient is that of its own mean loss
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  loss = ce_sum / (n * len(blocks))
+  ok = jnp.isfinite(loss)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  step = state["step"]
+  new_state = {"step": step + 1, "params": keep(params, state["params"]),
+               "opt_state": keep(opt_state, state["opt_state"]), "rest": rest,
+               "nonfinite_step": jnp.where(~ok & (state["nonfinite_step"] < 0), step, state["nonfinite_step"])}
+  out = {"loss": loss, "best_train_acc": jnp.max(sums["correct"]) / n, "lr": lr_fn(step)}
+  return new_state, out
+
+
+def eval_step(params, rest, batch, backbone_state, *, graphdef, backbone_def, blocks, use_cls, normalize):
+  probes = nnx.merge(graphdef, params, rest)
+  logits = probes(_features(backbone_def, backbone_state, batch["image"], blocks, use_cls, normalize))
+  valid = batch["valid"].astype(jnp.float32)
+  hits = (jnp.argmax(logits, -1) == batch["label"][None]).astype(jnp.float32) * valid[None]
+  return {"top1": hits.sum(axis=1), "count": valid.sum()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+
+  workdir = pathlib.Path(workdir)
+  finetune.check_init(config.init)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
+  host_batch = check_batch(config, mesh)
+  d = config.data
+  source = sources.get_source(d.source, d.split, d.get("data_dir"))
+  shard = pipelines.Shard.of_this_process()
+  steps = total_steps(config, pipelines.steps_per_epoch(source, host_batch, shard.count))
+
+  backbone = load_backbone(config)
+  blocks, use_cls = probe_blocks(config, backbone.config.depth), bool(config.probe.use_cls)
+  backbone_def, backbone_state = sharding.place(backbone, mesh, filters=(...,))
+  width = backbone.config.width * (2 if use_cls else 1)
+  graphdef, params, rest = sharding.create_sharded(
+      lambda: LinearProbes(len(blocks), width, source.num_classes, rngs=nnx.Rngs(config.seed)), mesh)
+  tx, lr_fn = optim.make(config.optim, params, steps)
+  rep = sharding.replicated(mesh)
+  state = {"step": jax.device_put(jnp.int32(0), rep), "params": params,
+           "opt_state": sharding.create_opt_state(tx, params, mesh), "rest": rest,
+           "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
+  ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
+  restored = ckpts.restore(state)
+  if restored is not None:
+    state, _ = restored
+  start = int(jax.device_get(state["step"]))
+  checkpoints.check_resume(start, steps, ckpts.directory)
+
+  state_sh, backbone_sh = sharding.shardings_of(state), sharding.shardings_of(backbone_state)
+  batch_sh = sharding.batch_sharding(mesh)
+  common = dict(graphdef=graphdef, backbone_def=backbone_def, blocks=blocks, use_cls=use_cls,
+                normalize=bool(config.probe.get("normalize", True)))
+  step_fn = jax.jit(functools.partial(train_step, tx=tx, lr_fn=lr_fn, micro_steps=config.get("grad_accum", 1),
+                                      **common),
+                    in_shardings=(state_sh, batch_sh, backbone_sh), out_shardings=(state_sh, rep),
+                    donate_argnums=(0,))
+  aug = d.augment
+  transform = pipelines.finetune_transform(
+      seed=config.seed, image_size=d.image_size, scale=tuple(aug.crop_scale), rand_augment=None,
+      erase_prob=0.0, mean_std=pipelines.mean_std(d.mean_std))
+  host_batches = ({"image": b["image"], "label": b["label"]} for b in pipelines.train_batches(
+      source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard, channels=3,
+      threads=d.get("threads")))
+  batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
+
+  writer = metrics.create_writer(str(workdir))
+  hooks = metrics.step_hooks(config, steps, writer, str(workdir))
+  preempt = checkpoints.Preemption()
+  history, last, t0 = [], {}, time.time()
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start + 1, steps + 1):
+        state, out = step_fn(state, next(batches), backbone_state)
+        history.append(out)
+        for hook in hooks:
+          hook(step)
+        if step % config.log_every == 0 or step == steps or preempt.requested:
+          metrics.check_finite(state, ckpts.latest_step())
+          last = metrics.mean_of(history)
+          history = []
+          writer.write_scalars(step, last)
+        if step % config.ckpt_every == 0 or step == steps or preempt.requested:
+          ckpts.save(step, state, {"step": step, "blocks": list(blocks)})
+        if preempt.requested:
+          break
+  finally:
+    preempt.restore()
+    ckpts.close()
+    writer.flush()
+  if config.get("eval_split") and int(jax.device_get(state["step"])) == steps:
+    eval_fn = jax.jit(functools.partial(eval_step, **common),
+                      in_shardings=(state_sh["params"], state_sh["rest"], batch_sh, backbone_sh), out_shardings=rep)
+    sums = None
+    with jax.set_mesh(mesh):
+      for batch in finetune.eval_batches(config, mesh, host_batch):
+        out = jax.device_get(eval_fn(state["params"], state["rest"], batch, backbone_state))
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    per_block = sums["top1"] / sums["count"]
+    best = int(np.argmax(per_block))
+    last.update({f"eval_top1_block{b}": float(a) for b, a in zip(blocks, per_block)})
+    last.update(eval_top1=float(per_block[best]), eval_best_block=blocks[best], eval_count=float(sums["count"]))
+    writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
+  logging.info("linear probe done in %.0f s: %s", time.time() - t0, last)
+  return {"state": state, "metrics": last, "blocks": blocks}
