@@ -48,8 +48,15 @@ def test_fashion_mnist_files(fmnist_train):
   assert sources.get_source("fashion_mnist_files", "test").num_examples == 10000
   first = sources.get_source("fashion_mnist_files", "train[:100]")  # tfds's slicing, for every source
   assert first.num_examples == 100 and int(next(iter(first.read().take(1)))["label"]) == 9
-  with pytest.raises(ValueError, match="NAME"):
-    sources.get_source("fashion_mnist_files", "train[:0]")
+  second = sources.get_source("fashion_mnist_files", "train[100:300]")  # another labelled subset
+  assert second.num_examples == 200
+  np.testing.assert_array_equal(second.read().take(1).get_single_element()["image"],
+                                fmnist_train.read().skip(100).take(1).get_single_element()["image"])
+  for bad in ("train[:0]", "train[5:5]", "train[a:]", "train[3]"):
+    with pytest.raises(ValueError, match="NAME"):
+      sources.get_source("fashion_mnist_files", bad)
+  with pytest.raises(ValueError, match="empty"):
+    sources.get_source("fashion_mnist_files", "train[60000:]")
 
 
 def test_pretrain_batches_shapes_ranges_masks(fmnist_train):

@@ -120,3 +120,32 @@ def test_config_errors_before_compiling(tmp_path, tokenizer_file):
   c.data.tokenizer_size = 64
   with pytest.raises(ValueError, match="config.data.tokenizer_size=64"):
     pretrain.train_and_evaluate(c, tmp_path / "w")
+
+
+def test_eval_sums_and_the_trivial_baselines_histograms(tokenizer_file):
+  """The held-out sums against a plain count: masked targets (the tokenizer's ids at masked positions of valid
+  rows) in the overall and per-position histograms; a padded row counts nowhere; correct <= count."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from beit_jax import models  # pylint: disable=import-outside-toplevel
+  config = tiny_config(tokenizer_file)
+  tok = pretrain.load_tokenizer(config)
+  cfg = pretrain.model_config(config, tok.vocab_size)
+  graphdef, params, rest = nnx.split(models.Beit(cfg, rngs=models.beit.make_rngs(0)), nnx.Param, ...)
+  tok_graphdef, tok_state = nnx.split(tok)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  mask = np.zeros((4, 16), bool)
+  for b, n in enumerate((6, 3, 5, 6)):  # fewer than num_predict: padded rows carry weight 0
+    mask[b, rng.choice(16, n, replace=False)] = True
+  valid = np.array([1, 1, 1, 0], np.float32)
+  batch = {"image": images, "tokenizer_image": (images + 1) / 2, "mask": mask, "valid": valid}
+  out = jax.jit(lambda s, b, t: pretrain.eval_step(s, b, t, graphdef=graphdef, tok_graphdef=tok_graphdef,
+                                                    num_predict=6, vocab_size=cfg.vocab_size))(
+      {"params": params, "rest": rest}, batch, tok_state)
+  ids = np.asarray(tok.encode(batch["tokenizer_image"])).reshape(4, -1)
+  want = np.zeros((16, cfg.vocab_size))
+  for b, p in zip(*np.nonzero(mask)):
+    want[p, ids[b, p]] += valid[b]
+  np.testing.assert_array_equal(np.asarray(out["pos_hist"]), want)
+  np.testing.assert_array_equal(np.asarray(out["hist"]), want.sum(0))
+  assert float(out["count"]) == 6 + 3 + 5 and 0 <= float(out["correct"]) <= 14

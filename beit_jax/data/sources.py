@@ -98,24 +98,30 @@ def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
   return directory / (stem + ".gz")  # for the error message
 
 
-def _split_and_limit(split: str) -> tuple[str, Optional[int]]:
-  """tfds's slicing syntax for the first examples of a split, "test[:1000]", for every source."""
-  if split.endswith("]") and "[:" in split:
-    name, _, count = split[:-1].partition("[:")
-    if not count.isdigit() or int(count) < 1:
-      raise ValueError(f"split {split!r}: only the form NAME[:COUNT] is supported here")
-    return name, int(count)
-  return split, None
+def _split_and_slice(split: str) -> tuple[str, slice]:
+  """tfds's slicing syntax for a contiguous run of a split, "test[:1000]" or "train[600:1200]", for every
+  source (the labelled subsets of semi-supervised runs: a different slice per seed)."""
+  if not split.endswith("]"):
+    return split, slice(None)
+  name, _, bounds = split[:-1].partition("[")
+  start, sep, end = bounds.partition(":")
+  if not sep or not (start or end) or not all(b.isdigit() for b in (start, end) if b) or \
+      int(start or 0) >= int(end or 2 ** 62):
+    raise ValueError(f"split {split!r}: only the forms NAME[:END], NAME[START:] and NAME[START:END] (START < END, "
+                     "non-negative integers) are supported here")
+  return name, slice(int(start) if start else None, int(end) if end else None)
 
 
 def fashion_mnist_files(split: str, directory: str = FASHION_MNIST_DIR) -> Source:
-  split, limit = _split_and_limit(split)
+  split, part = _split_and_slice(split)
   prefix = {"train": "train", "test": "t10k"}.get(split)
   if prefix is None:
     raise ValueError(f"fashion_mnist_files has splits 'train' and 'test', not {split!r}")
   d = pathlib.Path(directory)
-  images = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[:limit, ..., None]  # [N, 28, 28, 1]
-  labels = _read_idx(_find(d, f"{prefix}-labels-idx1-ubyte"))[:limit].astype(np.int32)
+  images = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[part, ..., None]  # [N, 28, 28, 1]
+  labels = _read_idx(_find(d, f"{prefix}-labels-idx1-ubyte"))[part].astype(np.int32)
+  if not len(labels):
+    raise ValueError(f"split {split!r} of fashion_mnist_files {d}: the slice {part} is empty")
   images_t, labels_t = tf.constant(images), tf.constant(labels)
 
   def make(ds):
@@ -126,7 +132,7 @@ def fashion_mnist_files(split: str, directory: str = FASHION_MNIST_DIR) -> Sourc
 # -- A folder of images -----------------------------------------------------------------------------------------
 def image_folder(root: str, split: str) -> Source:
   """ROOT/<split>/<class>/<image>, classes sorted by name (as tfds.ImageFolder)."""
-  split, limit = _split_and_limit(split)
+  split, part = _split_and_slice(split)
   split_dir = os.path.join(root, split)
   if not tf.io.gfile.isdir(split_dir):
     found = sorted(tf.io.gfile.listdir(root)) if tf.io.gfile.isdir(root) else None
@@ -142,7 +148,9 @@ def image_folder(root: str, split: str) -> Source:
         labels.append(label)
   if not paths:
     raise FileNotFoundError(f"no images ({', '.join(_IMAGE_EXTENSIONS)}) under {split_dir}/<class>/")
-  paths, labels = paths[:limit], labels[:limit]
+  paths, labels = paths[part], labels[part]
+  if not paths:
+    raise ValueError(f"split {split!r} of {root}: the slice {part} is empty")
   paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int32)
 
   def make(ds):
