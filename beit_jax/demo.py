@@ -1,64 +1,252 @@
-"""`make demo`: the whole system end to end on Fashion-MNIST, on CPU, in minutes.
+"""BEiT's and PeCo's central claims in miniature on Fashion-MNIST, on CPU: `make demo` (scale "demo") and
+benchmarks/fmnist_reproduction.py (scale "full").
 
-  1. trains a small PeCo tokenizer (configs/fmnist_tokenizer.py),
-  2. pre-trains a small BEiT on its tokens with blockwise masking (configs/fmnist_pretrain.py),
-  3. prints what it learned: held-out masked-token accuracy against chance and against always predicting the
-     most frequent token.
+The chain; every stage is a run of the loops `python -m beit_jax.main` runs, with a config from configs/, in
+its own folder of the workdir (a rerun with the same workdir skips finished stages and resumes an interrupted
+one):
+  1. a pixel-only VQ tokenizer                          configs/fmnist_tokenizer.py:pixel
+  2. BEiT pre-training on its ids                       configs/fmnist_pretrain.py
+  3. a PeCo tokenizer: pixel loss + perceptual loss on the deep features of model 2, a self-supervised
+     transformer (what PeCo uses; our model 2 stands in for its MoCo v3 / BEiT network)
+  4. BEiT pre-training on the PeCo ids                  configs/fmnist_pretrain.py
+  5. fine-tuning (configs/fmnist_finetune.py) of three arms on labelled fractions of the training set, over
+     seeds (seed s takes the s-th contiguous slice as its labelled subset, and its own init and data order):
+       supervised  from scratch, compute-matched: the fine-tuning steps plus as many steps of the same batch
+                   as the pre-training saw images (pre-training steps x its batch / the fine-tuning batch)
+       beit        from model 2;   peco   from model 4
+  6. floors that need no pre-training: the linear probe of a randomly initialised model and a logistic
+     regression on raw pixels; and the linear probes (best block) of models 2 and 4.
+Prints a markdown table (mean +- standard deviation over seeds) and writes it, with every figure, to
+workdir/results.json.
 
-  python -m beit_jax.demo --workdir=/tmp/beit_demo [--tokenizer_steps=600] [--pretrain_steps=800]
-
-A rerun with the same workdir resumes (or skips) finished stages.
+  python -m beit_jax.demo --workdir=/tmp/beit_demo [--scale=demo|full]
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import logging
 import pathlib
 import time
+from typing import Any
 
+import numpy as np
 from absl import app, flags
 
 from beit_jax.train import modes
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/beit_demo", "where the runs go")
-_TOK_STEPS = flags.DEFINE_integer("tokenizer_steps", None, "override the tokenizer config's total_steps")
-_PT_STEPS = flags.DEFINE_integer("pretrain_steps", None, "override the pre-training config's total_steps")
-_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+TRAIN_SIZE = 60000  # Fashion-MNIST's training split
 
 
-def _config(name: str, arg: str = ""):
-  spec = importlib.util.spec_from_file_location(name, _CONFIGS / f"{name}.py")
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  tokenizer_steps: int
+  pretrain_steps: int
+  finetune_steps: dict[float, int]  # labelled fraction -> fine-tuning steps
+  seeds: tuple[int, ...]
+  probe_steps: int
+
+
+SCALES = {
+    # ~15 minutes on a 2-core CPU: every arm once, on all labels.
+    "demo": Scale(tokenizer_steps=150, pretrain_steps=150, finetune_steps={1.0: 150}, seeds=(0,), probe_steps=60),
+    # The recorded table (BENCHMARKS.md): 1%, 10% and all labels, 3 seeds.
+    "full": Scale(tokenizer_steps=300, pretrain_steps=300, finetune_steps={0.01: 100, 0.1: 150, 1.0: 250},
+                  seeds=(0, 1, 2), probe_steps=100),
+}
+
+
+def config_file(name: str, arg: str = ""):
+  """configs/NAME.py's get_config(arg), as `--config=configs/NAME.py:arg` loads it."""
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
-def _steps(config, steps):
-  if steps:
-    config.total_steps = steps
-    config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
-    for key in ("ckpt_every", "eval_every"):
-      if key in config:
-        config[key] = min(config[key], steps)
+def with_steps(config, steps: int):
+  config.total_steps = steps
+  config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
+  for key in ("ckpt_every", "eval_every", "log_every"):
+    if key in config:
+      config[key] = min(config[key], steps)
   return config
+
+
+def labelled_split(fraction: float, seed: int) -> str:
+  if fraction >= 1.0:
+    return "train"
+  n = int(round(fraction * TRAIN_SIZE))
+  if (seed + 1) * n > TRAIN_SIZE:
+    raise ValueError(f"seed {seed}: {seed + 1} disjoint subsets of {n} examples exceed the training set")
+  return f"train[{seed * n}:{(seed + 1) * n}]"
+
+
+class Chain:
+  """Runs (or, when its result is on disk, reads) each stage; `log` prints a progress line."""
+
+  def __init__(self, workdir: str, scale: Scale):
+    self.work, self.scale, self.t0 = pathlib.Path(workdir), scale, time.time()
+    self.results = self._load()
+
+  def _load(self) -> dict[str, Any]:
+    path = self.work / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+  def log(self, msg: str) -> None:
+    print(f"[demo {time.time() - self.t0:5.0f} s] {msg}", flush=True)
+
+  def stage(self, name: str, config) -> dict[str, float]:
+    """The metrics of the run `name` (config), run now unless an earlier run of the chain recorded them."""
+    if name in self.results:
+      return self.results[name]
+    t = time.time()
+    out = modes.run(config, str(self.work / name))["metrics"]
+    metrics = {k: float(v) for k, v in out.items() if np.isscalar(v)}
+    metrics["seconds"] = time.time() - t
+    self.results[name] = metrics
+    self.work.mkdir(parents=True, exist_ok=True)
+    (self.work / "results.json").write_text(json.dumps(self.results, indent=1, sort_keys=True))
+    return metrics
+
+  def pretrain(self, arm: str, perceptual_from: str | None) -> str:
+    """Tokenizer + pre-training of one arm; returns the pre-trained model folder."""
+    tok = config_file("fmnist_tokenizer", f"checkpoint:{perceptual_from}" if perceptual_from else "pixel")
+    m = self.stage(f"{arm}_tokenizer", with_steps(tok, self.scale.tokenizer_steps))
+    self.log(f"{arm} tokenizer: held-out PSNR {m['eval_psnr']:.2f} dB, codebook usage {100 * m['eval_usage']:.1f}%, "
+             f"perplexity {m['eval_perplexity']:.0f}")
+    pre = config_file("fmnist_pretrain", str(self.work / f"{arm}_tokenizer" / "tokenizer"))
+    m = self.stage(f"{arm}_pretrain", with_steps(pre, self.scale.pretrain_steps))
+    self.log(f"{arm} pre-training: held-out masked-token accuracy {100 * m['eval_mlm_acc']:.1f}% vs "
+             f"{100 * m['eval_most_frequent_acc']:.1f}% most frequent token, "
+             f"{100 * m['eval_most_frequent_per_position_acc']:.1f}% most frequent per position, "
+             f"{100 * m['eval_chance']:.2f}% chance")
+    return str(self.work / f"{arm}_pretrain" / "model")
+
+  def finetune(self, arm: str, init: str, fraction: float, seed: int, extra_steps: int = 0) -> dict[str, float]:
+    c = config_file("fmnist_finetune", init)
+    c.seed = seed
+    c.data.split = labelled_split(fraction, seed)
+    if not init:
+      c.optim.layer_decay = 1.0  # nothing pre-trained to protect: every layer learns at the full rate
+    c = with_steps(c, self.scale.finetune_steps[fraction] + extra_steps)
+    m = self.stage(f"{arm}_finetune_{fraction:g}_seed{seed}", c)
+    self.log(f"{arm} fine-tuned on {c.data.split} (seed {seed}, {c.total_steps} steps): held-out top-1 "
+             f"{100 * m['eval_top1']:.1f}%")
+    return m
+
+  def probe(self, arm: str, init: str, seed: int) -> dict[str, float]:
+    c = config_file("fmnist_linear_probe", init)
+    c.seed = seed
+    m = self.stage(f"{arm}_probe_seed{seed}", with_steps(c, self.scale.probe_steps))
+    self.log(f"{arm} linear probe (seed {seed}): best block {m['eval_best_block']:.0f}, held-out top-1 "
+             f"{100 * m['eval_top1']:.1f}%")
+    return m
+
+  def pixel_floor(self, fraction: float, seed: int) -> dict[str, float]:
+    name = f"pixels_logreg_{fraction:g}_seed{seed}"
+    if name not in self.results:
+      t = time.time()
+      self.results[name] = {"eval_top1": pixel_logistic_regression(labelled_split(fraction, seed), seed),
+                            "seconds": 0.0}
+      self.results[name]["seconds"] = time.time() - t
+    return self.results[name]
+
+
+def pixel_logistic_regression(split: str, seed: int, steps: int = 500) -> float:
+  """Held-out top-1 of a multinomial logistic regression on raw pixels (standardised per pixel), full-batch
+  AdamW on the labelled split: the floor every learned representation must beat."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from beit_jax.data import sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+
+  def arrays(split_name):
+    src = sources.get_source("fashion_mnist_files", split_name)
+    b = src.read().batch(src.num_examples).get_single_element()
+    return b["image"].numpy().reshape(src.num_examples, -1).astype(np.float32) / 255.0, b["label"].numpy()
+
+  x, y = arrays(split)
+  xt, yt = arrays("test")
+  mean, std = x.mean(0), x.std(0) + 0.1
+  x, xt = (x - mean) / std, (xt - mean) / std
+  tx = optax.adamw(optax.cosine_decay_schedule(1e-2, steps), weight_decay=1e-2)
+  params = (jnp.zeros((x.shape[1], 10)), jnp.zeros(10))
+  params = jax.tree.map(lambda p, k: p + 0.01 * jax.random.normal(k, p.shape), params,
+                        tuple(jax.random.split(jax.random.key(seed), 2)))
+
+  @jax.jit
+  def step(params, opt):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(x @ p[0] + p[1], y).mean()
+    updates, opt = tx.update(jax.grad(loss)(params), opt, params)
+    return optax.apply_updates(params, updates), opt
+
+  opt = tx.init(params)
+  for _ in range(steps):
+    params, opt = step(params, opt)
+  return float(np.mean(np.argmax(xt @ np.asarray(params[0]) + np.asarray(params[1]), -1) == yt))
+
+
+def mean_std(values) -> str:
+  v = 100 * np.asarray(values, np.float64)
+  return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def run(workdir: str, scale_name: str) -> dict[str, Any]:
+  import jax  # pylint: disable=import-outside-toplevel
+  # The arms' runs compile the same steps again and again: a persistent cache compiles each once.
+  jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(workdir) / "jit_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  scale = SCALES[scale_name]
+  chain = Chain(workdir, scale)
+  chain.log(f"scale {scale_name}: {scale}")
+  beit = chain.pretrain("beit", perceptual_from=None)
+  peco = chain.pretrain("peco", perceptual_from=beit)
+  pre_batch = config_file("fmnist_pretrain").batch_size
+  ft_batch = config_file("fmnist_finetune").batch_size
+  matched = scale.pretrain_steps * pre_batch // ft_batch  # the images pre-training saw, in fine-tuning steps
+  arms = {"supervised (compute-matched)": ("", matched), "BEiT, pixel-VQ tokens": (beit, 0),
+          "PeCo, perceptual tokens": (peco, 0)}
+  table = {}
+  for fraction in scale.finetune_steps:
+    for arm, (init, extra) in arms.items():
+      key = arm.split(" ")[0].rstrip(",").lower()
+      table[(arm, fraction)] = [chain.finetune(key, init, fraction, s, extra)["eval_top1"] for s in scale.seeds]
+    table[("logistic regression on pixels", fraction)] = [chain.pixel_floor(fraction, s)["eval_top1"]
+                                                          for s in scale.seeds]
+  probes = {"random init": "", "BEiT, pixel-VQ tokens": beit, "PeCo, perceptual tokens": peco}
+  probe = {arm: [chain.probe(arm.split(" ")[0].rstrip(",").lower(), init, s)["eval_top1"] for s in scale.seeds]
+           for arm, init in probes.items()}
+
+  fractions = list(scale.finetune_steps)
+  lines = [f"Fashion-MNIST held-out top-1 (%), {len(scale.seeds)} seed(s), mean ± std; scale {scale_name}", "",
+           "| arm | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " | linear probe (all labels) |",
+           "|---|" + "---|" * (len(fractions) + 1)]
+  for arm in [*arms, "logistic regression on pixels", "random init"]:
+    cells = [mean_std(table[(arm, f)]) if (arm, f) in table else "" for f in fractions]
+    lines.append(f"| {arm} | " + " | ".join(cells) + f" | {mean_std(probe[arm]) if arm in probe else ''} |")
+  lines += ["", "| pre-training | masked-token acc. | most frequent token | most frequent per position | chance |",
+            "|---|---|---|---|---|"]
+  for arm in ("beit", "peco"):
+    m = chain.results[f"{arm}_pretrain"]
+    lines.append(f"| {arm} | {100 * m['eval_mlm_acc']:.2f} | {100 * m['eval_most_frequent_acc']:.2f} | "
+                 f"{100 * m['eval_most_frequent_per_position_acc']:.2f} | {100 * m['eval_chance']:.2f} |")
+  text = "\n".join(lines)
+  (pathlib.Path(workdir) / "table.md").write_text(text + "\n")
+  print(text, flush=True)
+  chain.log("done")
+  return chain.results
+
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/beit_demo", "where the runs go")
+_SCALE = flags.DEFINE_enum("scale", "demo", list(SCALES), "demo: ~15 min; full: the recorded table")
 
 
 def main(argv):
   del argv
-  work = pathlib.Path(_WORKDIR.value)
-  t0 = time.time()
-  print(f"[demo] 1/2 training a PeCo tokenizer on Fashion-MNIST -> {work / 'tokenizer_run'}", flush=True)
-  tok = modes.run(_steps(_config("fmnist_tokenizer"), _TOK_STEPS.value), str(work / "tokenizer_run"))["metrics"]
-  print(f"[demo] tokenizer: held-out PSNR {tok.get('eval_psnr', float('nan')):.2f} dB, codebook usage "
-        f"{100 * tok.get('eval_usage', float('nan')):.1f}%, perplexity {tok.get('eval_perplexity', float('nan')):.1f}"
-        f" ({time.time() - t0:.0f} s)", flush=True)
-  print(f"[demo] 2/2 pre-training BEiT on its tokens -> {work / 'pretrain_run'}", flush=True)
-  cfg = _steps(_config("fmnist_pretrain", str(work / "tokenizer_run" / "tokenizer")), _PT_STEPS.value)
-  out = modes.run(cfg, str(work / "pretrain_run"))["metrics"]
-  acc, base, chance = out["eval_mlm_acc"], out["eval_most_frequent_acc"], out["eval_chance"]
-  print(f"[demo] held-out masked-token accuracy {100 * acc:.1f}% vs {100 * base:.1f}% for always the most "
-        f"frequent token and {100 * chance:.2f}% chance ({acc / base:.1f}x and {acc / chance:.0f}x); "
-        f"total {time.time() - t0:.0f} s", flush=True)
+  run(_WORKDIR.value, _SCALE.value)
 
 
 if __name__ == "__main__":

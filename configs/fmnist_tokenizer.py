@@ -3,9 +3,10 @@
   python -m beit_jax.main --config=configs/fmnist_tokenizer.py --workdir=/tmp/demo/tokenizer_run
 
 Expect a few minutes on 2 CPU cores; the held-out PSNR and codebook usage it reaches are in BENCHMARKS.md.
-The perceptual network is a small random-weight BEiT here (no pre-trained weights offline); point
-loss.perceptual.source at a real checkpoint ("pytorch:PATH" or "checkpoint:DIR") for the real thing.
-`:pixel` as config argument turns the perceptual loss off (the pixel-only VQ baseline).
+The config argument picks the perceptual network: none (a small random-weight BEiT: the loop's mechanics
+only), `:pixel` (no perceptual loss: the pixel-only VQ baseline), or `:checkpoint:DIR` / `:pytorch:PATH`, a
+trained self-supervised transformer, as PeCo (e.g. a pre-training run's workdir/model: the `make demo` chain
+uses the BEiT it pre-trained on pixel-VQ ids).
 """
 from beit_jax import configs
 
@@ -18,8 +19,10 @@ def get_config(arg: str = ""):
   c.data.split, c.data.eval_split = "train", "test"
   c.data.crop_scale = (0.6, 1.0)
   c.loss.perceptual_weight = 0.0 if arg == "pixel" else 0.5
-  c.loss.perceptual.source = "name:beit_test_tiny"
-  c.loss.perceptual.layers = (1, 2)
+  if arg in ("", "pixel"):
+    c.loss.perceptual.source, c.loss.perceptual.layers = "name:beit_test_tiny", (1, 2)
+  else:  # a trained network: the demo's beit_fmnist has 4 blocks; PeCo takes features from several depths
+    c.loss.perceptual.source, c.loss.perceptual.layers = arg, (2, 4)
   c.loss.disc_start = 10 ** 9  # no GAN in a few CPU minutes
   c.batch_size = 64
   c.total_steps = 300
