@@ -29,7 +29,7 @@ from flax import nnx
 
 from beit_jax import convert, models
 from beit_jax.data import mixup
-from beit_jax.train import checkpoints, metrics, optim, sharding
+from beit_jax.train import checkpoints, loop, metrics, optim, sharding
 from beit_jax.train.pretrain import check_batch, total_steps
 
 # What a classifier is, whatever the checkpoint it starts from (beit/modeling_finetune.py).
@@ -222,30 +222,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
-  hooks = metrics.step_hooks(config, steps, writer, str(workdir))
-  preempt = checkpoints.Preemption()
-  history, last, t0 = [], {}, time.time()
-  meta = lambda s: {"step": s, "model_config": cfg.to_dict()}
-  try:
-    with jax.set_mesh(mesh):
-      for step in range(start + 1, steps + 1):
-        state, out = step_fn(state, next(batches))
-        history.append(out)
-        for hook in hooks:
-          hook(step)
-        if step % config.log_every == 0 or step == steps or preempt.requested:
-          metrics.check_finite(state, ckpts.latest_step())
-          last = metrics.mean_of(history)
-          history = []
-          writer.write_scalars(step, last)
-        if step % config.ckpt_every == 0 or step == steps or preempt.requested:
-          ckpts.save(step, state, meta(step))
-        if preempt.requested:
-          break
-  finally:
-    preempt.restore()
-    ckpts.close()
-    writer.flush()
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    state, last = loop.run(
+        config, state, lambda step, s: step_fn(s, next(batches)), start=start, steps=steps, ckpts=ckpts,
+        writer=writer, hooks=metrics.step_hooks(config, steps, writer, str(workdir)),
+        meta=lambda s: {"step": s, "model_config": cfg.to_dict()})
   finished = int(jax.device_get(state["step"])) == steps
   model_dir = workdir / "model"
   if finished and not (model_dir / str(steps)).exists():  # collective under multi-host, as every orbax save

@@ -28,7 +28,7 @@ from flax import nnx
 
 from beit_jax import convert, models
 from beit_jax.models.heads import LinearProbes, probe_features
-from beit_jax.train import checkpoints, finetune, metrics, optim, sharding
+from beit_jax.train import checkpoints, finetune, loop, metrics, optim, sharding
 from beit_jax.train.pretrain import check_batch, total_steps
 
 
@@ -146,29 +146,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
-  hooks = metrics.step_hooks(config, steps, writer, str(workdir))
-  preempt = checkpoints.Preemption()
-  history, last, t0 = [], {}, time.time()
-  try:
-    with jax.set_mesh(mesh):
-      for step in range(start + 1, steps + 1):
-        state, out = step_fn(state, next(batches), backbone_state)
-        history.append(out)
-        for hook in hooks:
-          hook(step)
-        if step % config.log_every == 0 or step == steps or preempt.requested:
-          metrics.check_finite(state, ckpts.latest_step())
-          last = metrics.mean_of(history)
-          history = []
-          writer.write_scalars(step, last)
-        if step % config.ckpt_every == 0 or step == steps or preempt.requested:
-          ckpts.save(step, state, {"step": step, "blocks": list(blocks)})
-        if preempt.requested:
-          break
-  finally:
-    preempt.restore()
-    ckpts.close()
-    writer.flush()
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    state, last = loop.run(
+        config, state, lambda step, s: step_fn(s, next(batches), backbone_state), start=start, steps=steps,
+        ckpts=ckpts, writer=writer, hooks=metrics.step_hooks(config, steps, writer, str(workdir)),
+        meta=lambda s: {"step": s, "blocks": list(blocks)})
   if config.get("eval_split") and int(jax.device_get(state["step"])) == steps:
     eval_fn = jax.jit(functools.partial(eval_step, **common),
                       in_shardings=(state_sh["params"], state_sh["rest"], batch_sh, backbone_sh), out_shardings=rep)

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from beit_jax import models, tokenizers
-from beit_jax.train import checkpoints, metrics, optim, sharding
+from beit_jax.train import checkpoints, loop, metrics, optim, sharding
 
 # What every pre-training model is, whatever the named variant (beit/modeling_pretrain.py).
 PRETRAIN_LAYOUT = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mask_token=True,
@@ -216,30 +216,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics.create_writer(str(workdir))
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
-  hooks = metrics.step_hooks(config, steps, writer, str(workdir))
-  preempt = checkpoints.Preemption()
-  history, last, t0 = [], {}, time.time()
-  meta = lambda s: {"step": s, "model_config": cfg.to_dict()}
-  try:
-    with jax.set_mesh(mesh):
-      for step in range(start + 1, steps + 1):
-        state, out = step_fn(state, next(batches), tok_state)
-        history.append(out)
-        for hook in hooks:
-          hook(step)
-        if step % config.log_every == 0 or step == steps or preempt.requested:
-          metrics.check_finite(state, ckpts.latest_step())
-          last = metrics.mean_of(history)
-          history = []
-          writer.write_scalars(step, last)
-        if step % config.ckpt_every == 0 or step == steps or preempt.requested:
-          ckpts.save(step, state, meta(step))
-        if preempt.requested:
-          break
-  finally:
-    preempt.restore()
-    ckpts.close()
-    writer.flush()
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    state, last = loop.run(
+        config, state, lambda step, s: step_fn(s, next(batches), tok_state), start=start, steps=steps,
+        ckpts=ckpts, writer=writer, hooks=metrics.step_hooks(config, steps, writer, str(workdir)),
+        meta=lambda s: {"step": s, "model_config": cfg.to_dict()})
   finished = int(jax.device_get(state["step"])) == steps
   model_dir = workdir / "model"  # the trained backbone (+ MIM head): fine-tuning's and PeCo's perceptual `init`
   if finished and not (model_dir / str(steps)).exists():  # every process calls orbax: multi-host saves are collective

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from beit_jax.tokenizers import discriminator, losses, saving, vqgan
-from beit_jax.train import checkpoints, metrics, optim, pretrain, sharding
+from beit_jax.train import checkpoints, loop, metrics, optim, pretrain, sharding
 
 
 def psnr(x, y):
@@ -200,36 +200,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return device.global_batches(it, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
-  hooks = metrics.step_hooks(config, steps, writer, str(workdir))
-  preempt = checkpoints.Preemption()
-  history, last, t0 = [], {}, time.time()
-  try:
-    with jax.set_mesh(mesh):
-      for step in range(start + 1, steps + 1):
-        gan = step > config.loss.disc_start
-        state, out = steps_fn[gan](state, next(batches)["image"], perc_state)
-        history.append(out)
-        for hook in hooks:
-          hook(step)
-        if step % config.log_every == 0 or step == steps or preempt.requested:
-          metrics.check_finite(state, ckpts.latest_step())
-          last = metrics.mean_of(history)
-          history = []
-          writer.write_scalars(step, last)
-        if step % config.eval_every == 0 or step == steps:
-          ev, images = evaluate(eval_fn, state, eval_batches())
-          writer.write_scalars(step, ev)
-          last.update(ev)
-          pair = recon_fn(state, images)  # original | reconstruction
-          writer.write_images(step, {"reconstructions": np.asarray(jax.device_get(pair))[:8]})
-        if step % config.ckpt_every == 0 or step == steps or preempt.requested:
-          ckpts.save(step, state, {"step": step, "tokenizer_config": tcfg.to_dict()})
-        if preempt.requested:
-          break
-  finally:
-    preempt.restore()
-    ckpts.close()
-    writer.flush()
+  def periodic_eval(step, state):
+    if step % config.eval_every and step != steps:
+      return None
+    ev, images = evaluate(eval_fn, state, eval_batches())
+    writer.write_scalars(step, ev)
+    pair = recon_fn(state, images)  # original | reconstruction
+    writer.write_images(step, {"reconstructions": np.asarray(jax.device_get(pair))[:8]})
+    return ev
+
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    # The GAN phase is another compiled step (steps_fn[True]) from loss.disc_start on.
+    state, last = loop.run(
+        config, state,
+        lambda step, s: steps_fn[step > config.loss.disc_start](s, next(batches)["image"], perc_state),
+        start=start, steps=steps, ckpts=ckpts, writer=writer,
+        hooks=metrics.step_hooks(config, steps, writer, str(workdir)),
+        meta=lambda s: {"step": s, "tokenizer_config": tcfg.to_dict()}, after_step=periodic_eval)
   finished = int(jax.device_get(state["step"])) == steps
   if finished and "eval_psnr" not in last:  # a rerun of a finished run still reports
     with jax.set_mesh(mesh):
