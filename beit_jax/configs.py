@@ -53,8 +53,9 @@ def tokenizer() -> ml_collections.ConfigDict:
       # PeCo: deep features of a frozen self-supervised ViT (MoCo v3 ViT-B/16 in the paper; any BEiT/ViT
       # checkpoint here). UNVERIFIED: blocks 3/6/9/12 and the weight; make them configurable, not facts.
       "perceptual_weight": 1.0,
+      # normalize: unit-normalised features, LPIPS-style (losses.PerceptualLoss); off = PeCo's plain distance
       "perceptual": {"source": "pytorch:/path/to/mocov3_vit_base.pth", "layers": (3, 6, 9, 12),
-                     "model_overrides": {}},
+                     "model_overrides": {}, "normalize": False},
       "disc_start": 250_001, "disc_weight": 0.8,
       "disc": {"ndf": 64, "n_layers": 3},
   })

@@ -182,6 +182,25 @@ def test_perceptual_features_are_the_networks_hidden_states(perceptual):
   np.testing.assert_allclose(np.asarray(feats[1]), np.asarray(hidden[2][:, 1:]), atol=1e-6)
 
 
+def test_normalised_perceptual_distance_by_hand(perceptual):
+  """normalize=True: per layer, the mean over tokens of sum_c (f/|f| - g/|g|)^2, written out in numpy from
+  the network's own features; invariant to the features' scale, so in [0, 4] per layer."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.random((2, 28, 28, 1)), jnp.float32)
+  y = jnp.asarray(rng.random((2, 28, 28, 1)), jnp.float32)
+  norm = losses.PerceptualLoss(nnx.merge(perceptual.graphdef, perceptual.state), layers=perceptual.layers,
+                               normalize=True)
+  want = 0.0
+  for f, g in zip(perceptual.features(x), perceptual.features(y)):
+    f, g = np.asarray(f, np.float64), np.asarray(g, np.float64)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+    want += np.mean(np.sum((unit(f) - unit(g)) ** 2, axis=-1))
+  got = float(jax.jit(norm)(x, y))
+  print(f"normalised perceptual distance {got:.6f}, by hand {want:.6f}; plain {float(perceptual(x, y)):.6f}")
+  assert abs(got - want) < 1e-5 * max(1.0, want) and 0 < got <= 4 * len(perceptual.layers)
+  assert float(norm(x, x)) == 0.0
+
+
 def test_perceptual_loss_gradient_reaches_x_hat_only(perceptual):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.random((2, 28, 28, 1)), jnp.float32)

@@ -65,6 +65,12 @@ class PerceptualLoss:
   left out: PeCo's distance is over the spatial feature maps, normalised by C*H*W (a mean). Blocks after the
   deepest chosen one are dead code that XLA removes under jit.
 
+  `normalize=True` unit-normalises every token's feature vector over channels first and sums the squared
+  differences over channels (taming's LPIPS distance without its learned channel weights): each token then
+  contributes a value in [0, 4] whatever the scale of the network's residual stream. The plain form's scale
+  follows the network's (a BEiT with LayerScale 0.1 has small hidden states, and its loss is ~1% of the pixel
+  loss at equal weights), so its weight must be tuned per network; the normalised one is comparable across them.
+
   Images are the tokenizer's: NHWC in [0, 1] (x_hat may leave it), 1 or 3 channels, any size. Before the network
   they are resized to its img_size (bilinear), repeated to 3 channels when grayscale, and normalised with the
   network's own `mean`/`std` (BEiT's (0.5, 0.5) by default; use IMAGENET_NORMALIZATION for MoCo v3).
@@ -76,7 +82,7 @@ class PerceptualLoss:
 
   def __init__(self, model: Beit, layers: Sequence[int] = (3, 6, 9, 12), *,
                mean: Sequence[float] = BEIT_NORMALIZATION[0], std: Sequence[float] = BEIT_NORMALIZATION[1],
-               resize_method: str = "bilinear"):
+               resize_method: str = "bilinear", normalize: bool = False):
     cfg = model.config
     layers = tuple(int(l) for l in layers)
     if not layers or any(not 0 <= l <= cfg.depth for l in layers):
@@ -91,6 +97,7 @@ class PerceptualLoss:
     self.img_size, self.in_chans = cfg.img_size, cfg.in_chans
     self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     self.resize_method = resize_method
+    self.normalize = normalize
 
   # -- ways to get the feature network ----------------------------------------------------------------------
   @classmethod
@@ -144,4 +151,7 @@ class PerceptualLoss:
     # One pass over [x; x_hat]: half the kernel launches of two, the same numbers.
     both = self.features(jnp.concatenate([jax.lax.stop_gradient(x), x_hat]), state)
     b = x.shape[0]
+    if self.normalize:
+      unit = lambda f: f * jax.lax.rsqrt(jnp.sum(jnp.square(f), -1, keepdims=True) + 1e-10)
+      return sum(jnp.mean(jnp.sum(jnp.square(unit(f[:b]) - unit(f[b:])), -1)) for f in both)
     return sum(jnp.mean(jnp.square(f[:b] - f[b:])) for f in both)

@@ -47,7 +47,8 @@ def _perceptual(config):
                      f"'checkpoint:DIR'")
   if kind != "name" and not pathlib.Path(what).exists():
     raise FileNotFoundError(f"config.loss.perceptual.source: {what} does not exist")
-  return make[kind](what, tuple(p.layers), model_overrides=dict(p.get("model_overrides", {})))
+  return make[kind](what, tuple(p.layers), model_overrides=dict(p.get("model_overrides", {})),
+                    normalize=bool(p.get("normalize", False)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
