@@ -51,7 +51,7 @@ class Scale:
 
 SCALES = {
     # ~15 minutes on a 2-core CPU: every arm once, on all labels.
-    "demo": Scale(tokenizer_steps=150, pretrain_steps=150, finetune_steps={1.0: 150}, seeds=(0,), probe_steps=60),
+    "demo": Scale(tokenizer_steps=120, pretrain_steps=120, finetune_steps={1.0: 120}, seeds=(0,), probe_steps=50),
     # The recorded table (BENCHMARKS.md): 1%, 10% and all labels, 3 seeds.
     "full": Scale(tokenizer_steps=300, pretrain_steps=300, finetune_steps={0.01: 100, 0.1: 150, 1.0: 250},
                   seeds=(0, 1, 2), probe_steps=100),
