@@ -194,6 +194,13 @@ def mean_std(values) -> str:
   return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
 
 
+# The arms: table label -> the short name in stage names ("{short}_finetune_{fraction}_seed{seed}", ...).
+FINETUNE_ARMS = {"supervised (compute-matched)": "supervised", "BEiT, pixel-VQ tokens": "beit",
+                 "PeCo, perceptual tokens": "peco"}
+PROBE_ARMS = {"random init": "random", "BEiT, pixel-VQ tokens": "beit", "PeCo, perceptual tokens": "peco"}
+PIXELS = "logistic regression on pixels"
+
+
 def run(workdir: str, scale_name: str) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   # The arms' runs compile the same steps again and again: a persistent cache compiles each once.
@@ -202,51 +209,73 @@ def run(workdir: str, scale_name: str) -> dict[str, Any]:
   scale = SCALES[scale_name]
   chain = Chain(workdir, scale)
   chain.log(f"scale {scale_name}: {scale}")
-  beit = chain.pretrain("beit", perceptual_from=None)
-  peco = chain.pretrain("peco", perceptual_from=beit)
+  models = {"random": ""}
+  models["beit"] = chain.pretrain("beit", perceptual_from=None)
+  models["peco"] = chain.pretrain("peco", perceptual_from=models["beit"])
   pre_batch = config_file("fmnist_pretrain").batch_size
   ft_batch = config_file("fmnist_finetune").batch_size
   matched = scale.pretrain_steps * pre_batch // ft_batch  # the images pre-training saw, in fine-tuning steps
-  arms = {"supervised (compute-matched)": ("", matched), "BEiT, pixel-VQ tokens": (beit, 0),
-          "PeCo, perceptual tokens": (peco, 0)}
-  table = {}
   for fraction in scale.finetune_steps:
-    for arm, (init, extra) in arms.items():
-      key = arm.split(" ")[0].rstrip(",").lower()
-      table[(arm, fraction)] = [chain.finetune(key, init, fraction, s, extra)["eval_top1"] for s in scale.seeds]
-    table[("logistic regression on pixels", fraction)] = [chain.pixel_floor(fraction, s)["eval_top1"]
-                                                          for s in scale.seeds]
-  probes = {"random init": "", "BEiT, pixel-VQ tokens": beit, "PeCo, perceptual tokens": peco}
-  probe = {arm: [chain.probe(arm.split(" ")[0].rstrip(",").lower(), init, s)["eval_top1"] for s in scale.seeds]
-           for arm, init in probes.items()}
-
-  fractions = list(scale.finetune_steps)
-  lines = [f"Fashion-MNIST held-out top-1 (%), {len(scale.seeds)} seed(s), mean ± std; scale {scale_name}", "",
-           "| arm | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " | linear probe (all labels) |",
-           "|---|" + "---|" * (len(fractions) + 1)]
-  for arm in [*arms, "logistic regression on pixels", "random init"]:
-    cells = [mean_std(table[(arm, f)]) if (arm, f) in table else "" for f in fractions]
-    lines.append(f"| {arm} | " + " | ".join(cells) + f" | {mean_std(probe[arm]) if arm in probe else ''} |")
-  lines += ["", "| pre-training | masked-token acc. | most frequent token | most frequent per position | chance |",
-            "|---|---|---|---|---|"]
-  for arm in ("beit", "peco"):
-    m = chain.results[f"{arm}_pretrain"]
-    lines.append(f"| {arm} | {100 * m['eval_mlm_acc']:.2f} | {100 * m['eval_most_frequent_acc']:.2f} | "
-                 f"{100 * m['eval_most_frequent_per_position_acc']:.2f} | {100 * m['eval_chance']:.2f} |")
-  text = "\n".join(lines)
+    for short in FINETUNE_ARMS.values():
+      init, extra = ("", matched) if short == "supervised" else (models[short], 0)
+      for seed in scale.seeds:
+        chain.finetune(short, init, fraction, seed, extra)
+    for seed in scale.seeds:
+      chain.pixel_floor(fraction, seed)
+  for short in PROBE_ARMS.values():
+    for seed in scale.seeds:
+      chain.probe(short, models[short], seed)
+  text = table(chain.results, scale_name)
   (pathlib.Path(workdir) / "table.md").write_text(text + "\n")
   print(text, flush=True)
   chain.log("done")
   return chain.results
 
 
+def table(results: dict[str, dict[str, float]], scale_name: str) -> str:
+  """The markdown tables of a chain's recorded results (workdir/results.json); runs not (yet) recorded show
+  as "-", so a partial chain renders too."""
+  scale = SCALES[scale_name]
+  fractions = list(scale.finetune_steps)
+
+  def cell(names):
+    values = [results[n]["eval_top1"] for n in names if n in results]
+    text = mean_std(values) if values else "-"
+    return text if len(values) in (0, len(names)) else f"{text} ({len(values)} of {len(names)} seeds)"
+
+  rows = {label: [cell([f"{short}_finetune_{f:g}_seed{s}" for s in scale.seeds]) for f in fractions]
+          for label, short in FINETUNE_ARMS.items()}
+  rows[PIXELS] = [cell([f"pixels_logreg_{f:g}_seed{s}" for s in scale.seeds]) for f in fractions]
+  rows["random init"] = [""] * len(fractions)
+  probes = {label: cell([f"{short}_probe_seed{s}" for s in scale.seeds]) for label, short in PROBE_ARMS.items()}
+  lines = [f"Fashion-MNIST held-out top-1 (%), {len(scale.seeds)} seed(s), mean ± std over seeds; scale "
+           f"{scale_name}", "",
+           "| arm | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " | linear probe (all labels) |",
+           "|---|" + "---|" * (len(fractions) + 1)]
+  lines += [f"| {label} | " + " | ".join(cells) + f" | {probes.get(label, '')} |" for label, cells in rows.items()]
+  lines += ["", "| pre-training | masked-token acc. | most frequent token | most frequent per position | chance |",
+            "|---|---|---|---|---|"]
+  for short in ("beit", "peco"):
+    m = results.get(f"{short}_pretrain")
+    if m:
+      lines.append(f"| {short} | {100 * m['eval_mlm_acc']:.2f} | {100 * m['eval_most_frequent_acc']:.2f} | "
+                   f"{100 * m['eval_most_frequent_per_position_acc']:.2f} | {100 * m['eval_chance']:.2f} |")
+  return "\n".join(lines)
+
+
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/beit_demo", "where the runs go")
 _SCALE = flags.DEFINE_enum("scale", "demo", list(SCALES), "demo: ~15 min; full: the recorded table")
 
 
+_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "print the table of what the workdir holds, run nothing")
+
+
 def main(argv):
   del argv
-  run(_WORKDIR.value, _SCALE.value)
+  if _TABLE_ONLY.value:
+    print(table(json.loads((pathlib.Path(_WORKDIR.value) / "results.json").read_text()), _SCALE.value))
+  else:
+    run(_WORKDIR.value, _SCALE.value)
 
 
 if __name__ == "__main__":

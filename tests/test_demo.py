@@ -30,3 +30,15 @@ def test_pixel_logistic_regression_floor():
   acc = demo.pixel_logistic_regression("train[:2000]", seed=0, steps=300)
   print(f"logistic regression on the pixels of 2,000 labelled images: held-out top-1 {acc:.4f}")
   assert 0.7 < acc < 0.9
+
+
+def test_table_renders_recorded_results_and_marks_missing_ones():
+  results = {"beit_finetune_1_seed0": {"eval_top1": 0.80}, "beit_finetune_1_seed1": {"eval_top1": 0.70},
+             "beit_finetune_1_seed2": {"eval_top1": 0.75}, "supervised_finetune_0.01_seed0": {"eval_top1": 0.5},
+             "beit_pretrain": {"eval_mlm_acc": 0.02, "eval_most_frequent_acc": 0.01,
+                               "eval_most_frequent_per_position_acc": 0.04, "eval_chance": 0.002}}
+  text = demo.table(results, "full")
+  print(text)
+  beit = next(l for l in text.splitlines() if l.startswith("| BEiT"))
+  assert beit.split("|")[4].strip() == "75.0 ± 4.1"  # 100% labels: mean and (population) std of 80, 70, 75
+  assert "50.0 (1 of 3 seeds)" in text and "| beit | 2.00 | 1.00 | 4.00 | 0.20 |" in text
