@@ -103,8 +103,12 @@ class Chain:
     if name in self.results:
       return self.results[name]
     t = time.time()
-    out = modes.run(config, str(self.work / name))["metrics"]
-    metrics = {k: float(v) for k, v in out.items() if np.isscalar(v)}
+    out = modes.run(config, str(self.work / name))
+    done = int(np.asarray(out["state"]["step"]))
+    if done != config.total_steps:  # stopped early (SIGTERM): nothing recorded, the rerun resumes the stage
+      self.log(f"{name} stopped at step {done} of {config.total_steps}; rerun the same command to resume")
+      raise SystemExit(1)
+    metrics = {k: float(v) for k, v in out["metrics"].items() if np.isscalar(v)}
     metrics["seconds"] = time.time() - t
     self.results[name] = metrics
     self.work.mkdir(parents=True, exist_ok=True)

@@ -42,3 +42,33 @@ def test_table_renders_recorded_results_and_marks_missing_ones():
   beit = next(l for l in text.splitlines() if l.startswith("| BEiT"))
   assert beit.split("|")[4].strip() == "75.0 ± 4.1"  # 100% labels: mean and (population) std of 80, 70, 75
   assert "50.0 (1 of 3 seeds)" in text and "| beit | 2.00 | 1.00 | 4.00 | 0.20 |" in text
+
+
+def test_a_stage_stopped_by_sigterm_is_not_recorded(tmp_path):
+  """SIGTERM mid-stage: the loop checkpoints and returns early; the chain must stop there and record nothing,
+  so that the rerun resumes that stage instead of skipping it as done."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  chain = demo.Chain(str(tmp_path), demo.SCALES["demo"])
+  c = demo.with_steps(demo.config_file("fmnist_tokenizer", "pixel"), 10_000)  # far more than fit before the signal
+  c.data.eval_split = "test[:64]"
+  default = signal.getsignal(signal.SIGTERM)
+
+  def preempt_once_the_loop_listens():  # before the loop's handler is in place SIGTERM would end pytest itself
+    for _ in range(6000):
+      if signal.getsignal(signal.SIGTERM) is not default:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.05)
+
+  watcher = threading.Thread(target=preempt_once_the_loop_listens, daemon=True)
+  watcher.start()
+  with pytest.raises(SystemExit):
+    chain.stage("tok", c)
+  watcher.join()
+  assert "tok" not in chain.results
+  assert not (tmp_path / "results.json").exists() or "tok" not in json.loads((tmp_path / "results.json").read_text())
+  assert list((tmp_path / "tok" / "checkpoints").iterdir())  # the stop saved a checkpoint to resume from
