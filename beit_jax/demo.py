@@ -50,7 +50,8 @@ class Scale:
 
 
 SCALES = {
-    # ~15 minutes on a 2-core CPU: every arm once, on all labels.
+    # ~20 minutes on a 2-core CPU by the full run's stage times (not yet timed end to end): every arm once,
+    # on all labels.
     "demo": Scale(tokenizer_steps=120, pretrain_steps=120, finetune_steps={1.0: 120}, seeds=(0,), probe_steps=50),
     # The recorded table (BENCHMARKS.md): 1%, 10% and all labels, 3 seeds.
     "full": Scale(tokenizer_steps=300, pretrain_steps=300, finetune_steps={0.01: 100, 0.1: 150, 1.0: 250},
@@ -268,7 +269,7 @@ def table(results: dict[str, dict[str, float]], scale_name: str) -> str:
 
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/beit_demo", "where the runs go")
-_SCALE = flags.DEFINE_enum("scale", "demo", list(SCALES), "demo: ~15 min; full: the recorded table")
+_SCALE = flags.DEFINE_enum("scale", "demo", list(SCALES), "demo: ~20 min; full: the recorded table (~2 h)")
 
 
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "print the table of what the workdir holds, run nothing")
