@@ -111,10 +111,13 @@ class Chain:
       raise SystemExit(1)
     metrics = {k: float(v) for k, v in out["metrics"].items() if np.isscalar(v)}
     metrics["seconds"] = time.time() - t
+    self._record(name, metrics)
+    return metrics
+
+  def _record(self, name: str, metrics: dict[str, float]) -> None:
     self.results[name] = metrics
     self.work.mkdir(parents=True, exist_ok=True)
     (self.work / "results.json").write_text(json.dumps(self.results, indent=1, sort_keys=True))
-    return metrics
 
   def pretrain(self, arm: str, perceptual_from: str | None) -> str:
     """Tokenizer + pre-training of one arm; returns the pre-trained model folder."""
@@ -154,9 +157,8 @@ class Chain:
     name = f"pixels_logreg_{fraction:g}_seed{seed}"
     if name not in self.results:
       t = time.time()
-      self.results[name] = {"eval_top1": pixel_logistic_regression(labelled_split(fraction, seed), seed),
-                            "seconds": 0.0}
-      self.results[name]["seconds"] = time.time() - t
+      acc = pixel_logistic_regression(labelled_split(fraction, seed), seed)
+      self._record(name, {"eval_top1": acc, "seconds": time.time() - t})
     return self.results[name]
 
 
