@@ -122,11 +122,21 @@ class TrainCheckpoints:
     self._mngr.close()
 
 
-def check_resume(start: int, total_steps: int, directory) -> None:
-  """A workdir whose checkpoint is past this config's end belongs to another run: say so, never skip silently."""
+def resume(workdir, config, state, total_steps: int):
+  """The run's checkpoint manager (workdir/checkpoints, keeping config.keep_checkpoints), the state restored
+  from its newest checkpoint (or `state` as given), and the step to go on from. A checkpoint past this config's
+  end belongs to another run: an error, never a silent skip."""
+  ckpts = TrainCheckpoints(pathlib.Path(workdir) / "checkpoints", keep=config.get("keep_checkpoints", 3))
+  restored = ckpts.restore(state)
+  if restored is not None:
+    state, meta = restored
+    logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
+  start = int(jax.device_get(state["step"]))
   if start > total_steps:
-    raise ValueError(f"{directory} holds a checkpoint at step {start}, past this config's {total_steps} steps: "
-                     "use a new workdir, or set config.total_steps to at least that step")
+    ckpts.close()
+    raise ValueError(f"{ckpts.directory} holds a checkpoint at step {start}, past this config's {total_steps} "
+                     "steps: use a new workdir, or set config.total_steps to at least that step")
+  return ckpts, state, start
 
 
 class Preemption:

@@ -196,13 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if ema_decay:
     state["ema"] = jax.tree.map(jnp.copy, params)
 
-  ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
-  restored = ckpts.restore(state)
-  if restored is not None:
-    state, meta = restored
-    logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
-  start = int(jax.device_get(state["step"]))
-  checkpoints.check_resume(start, steps, ckpts.directory)
+  ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
 
   state_sh = sharding.shardings_of(state)
   step_fn = jax.jit(

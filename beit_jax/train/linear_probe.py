@@ -121,12 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = {"step": jax.device_put(jnp.int32(0), rep), "params": params,
            "opt_state": sharding.create_opt_state(tx, params, mesh), "rest": rest,
            "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
-  ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
-  restored = ckpts.restore(state)
-  if restored is not None:
-    state, _ = restored
-  start = int(jax.device_get(state["step"]))
-  checkpoints.check_resume(start, steps, ckpts.directory)
+  ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
 
   state_sh, backbone_sh = sharding.shardings_of(state), sharding.shardings_of(backbone_state)
   batch_sh = sharding.batch_sharding(mesh)

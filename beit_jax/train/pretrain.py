@@ -192,13 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tok_graphdef, tok_state = nnx.split(tok)
   tok_state = jax.device_put(tok_state, rep)
 
-  ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
-  restored = ckpts.restore(state)
-  if restored is not None:
-    state, meta = restored
-    logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
-  start = int(jax.device_get(state["step"]))
-  checkpoints.check_resume(start, steps, ckpts.directory)
+  ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
 
   state_sh, batch_sh = sharding.shardings_of(state), sharding.batch_sharding(mesh)
   step_fn = jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, mask_spec.num_masked)

@@ -165,12 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = {"step": jax.device_put(jnp.int32(0), rep), "tok_params": tok_params, "tok_rest": tok_rest,
            "tok_opt": sharding.create_opt_state(tx_g, tok_params, mesh), "disc_params": disc_params, "disc_rest": disc_rest,
            "disc_opt": sharding.create_opt_state(tx_d, disc_params, mesh), "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
-  ckpts = checkpoints.TrainCheckpoints(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
-  restored = ckpts.restore(state)
-  if restored is not None:
-    state, _ = restored
-  start = int(jax.device_get(state["step"]))
-  checkpoints.check_resume(start, steps, ckpts.directory)
+  ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
 
   perc_state = jax.device_put(perceptual.state, rep) if perceptual is not None else None
   state_sh = sharding.shardings_of(state)
