@@ -7,6 +7,18 @@ from __future__ import annotations
 import ml_collections
 
 
+def _run_keys(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What every training mode's config has beside its recipe: the mesh, logging, checkpoints, profiling."""
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.num_devices = 0  # 0: all; else the first n (tests compare meshes of different sizes)
+  c.log_every = 100
+  c.ckpt_every = 5000
+  c.keep_checkpoints = 3
+  c.profile_first_step = 0  # > 0: a profiler trace of `profile_steps` steps from this one, into workdir
+  c.profile_steps = 5
+  return c
+
+
 def pretrain() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = "pretrain"
@@ -28,13 +40,7 @@ def pretrain() -> ml_collections.ConfigDict:
       "name": "adamw", "lr": 1.5e-3, "min_lr": 1e-5, "warmup_steps": 10 * 625, "weight_decay": 0.05,
       "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad": 3.0, "layer_decay": 1.0})
   c.grad_accum = 1  # > 1: each batch in this many slices in turn (same update, 1/k of the activation memory)
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  c.num_devices = 0  # 0: all; else the first n (tests compare meshes of different sizes)
-  c.log_every = 100
-  c.ckpt_every = 5000
-  c.keep_checkpoints = 3
-  c.profile_first_step = 0  # > 0: a profiler trace of `profile_steps` steps from this one, into workdir
-  c.profile_steps = 5
+  _run_keys(c)
   c.eval_split = ""  # a held-out split: masked-token accuracy on it at the end of the run ("" = none)
   return c
 
@@ -65,14 +71,8 @@ def tokenizer() -> ml_collections.ConfigDict:
   # taming: Adam(0.5, 0.9) for both networks, base lr 4.5e-6 x batch size.
   c.optim = ml_collections.ConfigDict({"name": "adam", "lr": 4.5e-6 * 128, "min_lr": 0.0, "warmup_steps": 1000,
                                        "b1": 0.5, "b2": 0.9, "eps": 1e-8, "clip_grad": 0.0, "layer_decay": 1.0})
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  c.num_devices = 0
-  c.log_every = 100
+  _run_keys(c)
   c.eval_every = 5000
-  c.ckpt_every = 5000
-  c.keep_checkpoints = 3
-  c.profile_first_step = 0  # > 0: a profiler trace of `profile_steps` steps from this one, into workdir
-  c.profile_steps = 5
   return c
 
 
@@ -101,13 +101,7 @@ def finetune() -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad": 0.0, "layer_decay": 0.65})
   c.ema_decay = 0.0  # > 0: also keep (and evaluate, and save) an EMA of the weights
   c.grad_accum = 1
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  c.num_devices = 0
-  c.log_every = 100
-  c.ckpt_every = 5000
-  c.keep_checkpoints = 3
-  c.profile_first_step = 0
-  c.profile_steps = 5
+  _run_keys(c)
   c.eval_split = "validation"
   return c
 

@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -65,14 +64,10 @@ def train_step(state, batch, *, graphdef, tx, lr_fn, num_classes, mix, seed, mic
   grad_norm = optim.global_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  new_state = {**state, "step": step + 1, "params": keep(params, state["params"]),
-               "opt_state": keep(opt_state, state["opt_state"]), "rest": keep(rest, state["rest"]),
-               "nonfinite_step": jnp.where(~ok & (state["nonfinite_step"] < 0), step, state["nonfinite_step"])}
+  new = {"step": step + 1, "params": params, "opt_state": opt_state, "rest": rest}
   if ema_decay:
-    new_state["ema"] = keep(jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params),
-                            state["ema"])
+    new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+  new_state = metrics.finite_update(jnp.isfinite(loss) & jnp.isfinite(grad_norm), state, new)
   out = {"loss": loss, "train_acc": sums["correct"] / sums["count"], "grad_norm": grad_norm, "lr": lr_fn(step)}
   return new_state, out
 
@@ -135,10 +130,7 @@ def init_model(init: str, cfg: models.BeitConfig, seed: int, *, trained_head: bo
 
 
 def evaluate(eval_fn, params, rest, batches) -> dict[str, float]:
-  sums = None
-  for batch in batches:
-    out = jax.device_get(eval_fn(params, rest, batch))
-    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  sums = metrics.sum_over(lambda batch: eval_fn(params, rest, batch), batches)
   n = float(sums["count"])
   return {"top1": float(sums["top1"]) / n, "top5": float(sums["top5"]) / n, "count": n}
 

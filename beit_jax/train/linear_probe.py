@@ -80,12 +80,9 @@ def train_step(state, batch, backbone_state, *, graphdef, backbone_def, tx, lr_f
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   loss = ce_sum / (n * len(blocks))
-  ok = jnp.isfinite(loss)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
   step = state["step"]
-  new_state = {"step": step + 1, "params": keep(params, state["params"]),
-               "opt_state": keep(opt_state, state["opt_state"]), "rest": rest,
-               "nonfinite_step": jnp.where(~ok & (state["nonfinite_step"] < 0), step, state["nonfinite_step"])}
+  new_state = metrics.finite_update(jnp.isfinite(loss), state, {"step": step + 1, "params": params,
+                                                                "opt_state": opt_state, "rest": rest})
   out = {"loss": loss, "best_train_acc": jnp.max(sums["correct"]) / n, "lr": lr_fn(step)}
   return new_state, out
 
@@ -150,11 +147,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get("eval_split") and int(jax.device_get(state["step"])) == steps:
     eval_fn = jax.jit(functools.partial(eval_step, **common),
                       in_shardings=(state_sh["params"], state_sh["rest"], batch_sh, backbone_sh), out_shardings=rep)
-    sums = None
     with jax.set_mesh(mesh):
-      for batch in finetune.eval_batches(config, mesh, host_batch):
-        out = jax.device_get(eval_fn(state["params"], state["rest"], batch, backbone_state))
-        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+      sums = metrics.sum_over(lambda batch: eval_fn(state["params"], state["rest"], batch, backbone_state),
+                              finetune.eval_batches(config, mesh, host_batch))
     per_block = sums["top1"] / sums["count"]
     best = int(np.argmax(per_block))
     last.update({f"eval_top1_block{b}": float(a) for b, a in zip(blocks, per_block)})

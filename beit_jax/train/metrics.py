@@ -8,6 +8,7 @@ import logging
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -61,6 +62,25 @@ def mean_of(history: list[Mapping[str, jax.Array]]) -> dict[str, float]:
   stacked = jax.device_get(history)
   keys = set.intersection(*(set(h) for h in stacked))
   return {k: float(np.mean([h[k] for h in stacked])) for k in sorted(keys)}
+
+
+def sum_over(fn, batches):
+  """The sum over `batches` of `fn(batch)`, a pytree of per-batch sums (hits, counts, histograms), on the host:
+  how every held-out metric is gathered before its one division."""
+  sums = None
+  for batch in batches:
+    out = jax.device_get(fn(batch))
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  return sums
+
+
+def finite_update(ok, state, new):
+  """The next train state, inside a jitted step: `new` (the updated entries, "step" included) where `ok` (the
+  step's loss and gradients were finite), else the old entries, step count aside; the first bad step is
+  recorded in "nonfinite_step", which `check_finite` turns into a stop at the next log."""
+  out = {k: v if k == "step" else jax.tree.map(lambda a, b: jnp.where(ok, a, b), v, state[k]) for k, v in new.items()}
+  out["nonfinite_step"] = jnp.where(~ok & (state["nonfinite_step"] < 0), state["step"], state["nonfinite_step"])
+  return out
 
 
 def check_finite(state, last_checkpoint) -> None:

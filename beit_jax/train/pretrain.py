@@ -63,15 +63,9 @@ def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, nu
   params = optax.apply_updates(state["params"], updates)
   # A non-finite loss or gradient leaves the state untouched and records the step; the loop stops there.
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
   step = state["step"]
-  new_state = {
-      "step": step + 1,
-      "params": keep(params, state["params"]),
-      "opt_state": keep(opt_state, state["opt_state"]),
-      "rest": keep(rest, state["rest"]),
-      "nonfinite_step": jnp.where(~ok & (state["nonfinite_step"] < 0), step, state["nonfinite_step"]),
-  }
+  new_state = metrics.finite_update(ok, state, {"step": step + 1, "params": params, "opt_state": opt_state,
+                                                "rest": rest})
   out = {"loss": loss, "mlm_acc": sums["correct"] / denom, "grad_norm": grad_norm, "lr": lr_fn(step),
          "masked": sums["count"]}
   return new_state, out
@@ -231,11 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         host_batch=host_batch, shard=shard)
     it = ({"image": b["image"], "tokenizer_image": b["tokenizer_image"], "valid": b["valid"].astype(np.float32),
            "mask": mask_spec.make(config.seed + 1, b["index"], 0)} for b in it)
-    sums = None
     with jax.set_mesh(mesh):
-      for batch in device.global_batches(it, mesh, sharding.BATCH_AXES):
-        out = jax.device_get(eval_fn(state, batch, tok_state))
-        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+      sums = metrics.sum_over(lambda batch: eval_fn(state, batch, tok_state),
+                              device.global_batches(it, mesh, sharding.BATCH_AXES))
     last.update(eval_mlm_acc=float(sums["correct"] / sums["count"]),
                 eval_most_frequent_acc=float(sums["hist"].max() / sums["count"]),
                 eval_most_frequent_per_position_acc=float(sums["pos_hist"].max(-1).sum() / sums["count"]),

@@ -93,14 +93,11 @@ def train_step(state, images, perc_state, *, tok_def, disc_def, perceptual, tx_g
   tok_params = optax.apply_updates(current, g_updates)
   loss = out["nll"] + loss_cfg.codebook_weight * out["codebook"]
   ok = jnp.isfinite(loss) & jnp.isfinite(optim.global_norm(grads))
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
   _, _, tok_rest = nnx.split(tok, nnx.Param, ...)
   _, _, disc_rest = nnx.split(disc, nnx.Param, ...)
   new = {"step": state["step"] + 1, "tok_params": tok_params, "tok_rest": tok_rest, "tok_opt": g_opt,
          "disc_params": disc_params, "disc_rest": disc_rest, "disc_opt": d_opt}
-  new = {k: v if k == "step" else keep(v, state[k]) for k, v in new.items()}
-  new["nonfinite_step"] = jnp.where(~ok & (state["nonfinite_step"] < 0), state["step"], state["nonfinite_step"])
-  return new, out
+  return metrics.finite_update(ok, state, new), out
 
 
 def eval_step(state, images, valid, *, tok_def):
