@@ -144,3 +144,50 @@ class RelativePositionBias(nnx.Module):
   def __call__(self):
     index = relative_position_index(self.grid)
     return jnp.transpose(self.table[...][index], (2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient-path helpers for XLA:CPU. Each is the identity in the forward pass and changes only how the backward
+# pass is compiled *for CPU* (jax.lax.platform_dependent picks the branch when the step is lowered), so GPU and TPU
+# programs, ahead-of-time compiles for a TPU topology included, are the plain ones. benchmarks/NOTES_model_step.md
+# has the measurements behind each.
+# ---------------------------------------------------------------------------------------------------------------
+def _own_buffer(g):
+  """g in a buffer of its own: XLA cannot fuse g's producers into g's consumers across a conditional.
+  (lax.optimization_barrier would be the obvious tool, but XLA:CPU expands barriers away before fusion.) The
+  predicate is always true but depends on the data, so it is not folded; the branches differ because JAX
+  inlines a cond whose branches are the same. The second never runs."""
+  first = g.reshape(-1)[0]
+  return jax.lax.cond(jnp.isnan(first) | ~jnp.isnan(first), lambda t: t, lambda t: t + 0 * t, g)
+
+
+@jax.custom_vjp
+def residual_grad_boundary(x):
+  """The identity; its gradient is kept in memory on CPU. Applied to every block's input: without it XLA:CPU
+  fuses the residual-stream cotangent (a chain of adds over every later block's LayerNorm/LayerScale backward)
+  into each block's weight-gradient transposes, recomputing the chain per block: work quadratic in depth, 27%
+  of a BEiT-B step, and 2.5x the compile time."""
+  return x
+
+
+residual_grad_boundary.defvjp(
+    lambda x: (x, None),
+    lambda _, g: (jax.lax.platform_dependent(g, cpu=_own_buffer, default=lambda t: t),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_batch(bias, batch: int):
+  """bias [1, ...] -> [batch, ...]. The gradient sums over the batch; on CPU as a dot with a ones vector, because
+  XLA:CPU hands the plain reduction over a leading axis to a YNNPACK kernel that is ~40x slower with 2 threads
+  (the relative position bias gradient: ~0.4 s of a BEiT-B step on 2 cores)."""
+  return jnp.broadcast_to(bias, (batch, *bias.shape[1:]))
+
+
+def _sum_batch_as_dot(g):
+  return jnp.einsum("b,b...->...", jnp.ones((g.shape[0],), g.dtype), g)[None]
+
+
+broadcast_batch.defvjp(
+    lambda bias, batch: (broadcast_batch(bias, batch), None),
+    lambda batch, _, g: (jax.lax.platform_dependent(g, cpu=_sum_batch_as_dot,
+                                                    default=lambda t: t.sum(0, keepdims=True)),))
