@@ -165,6 +165,35 @@ def mixup_args(config) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------
 # The loops
 # ---------------------------------------------------------------------------------------------------------------
+def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh, steps: int, *,
+                 abstract: bool = False):
+  """(graphdef, train state, optimizer, lr schedule): the model from `config.init` placed on the mesh (plus an
+  EMA copy of the weights with config.ema_decay > 0); with `abstract=True` ShapeDtypeStructs carrying the
+  shardings of a freshly initialised model (nothing allocated or read: for ahead-of-time compilation)."""
+  if abstract:
+    graphdef, params, rest = sharding.create_sharded(
+        lambda: models.Beit(cfg, rngs=models.beit.make_rngs(config.seed)), mesh, abstract=True)
+  else:
+    graphdef, params, rest = sharding.place(init_model(config.init, cfg, config.seed), mesh)
+  tx, lr_fn = optim.make(config.optim, params, steps, depth=cfg.depth)
+  state = sharding.train_state(params, rest, tx, mesh, abstract=abstract)
+  if config.get("ema_decay", 0.0):
+    state["ema"] = params if abstract else jax.tree.map(jnp.copy, params)
+  return graphdef, state, tx, lr_fn
+
+
+def jit_train_step(config, mesh, state, graphdef, tx, lr_fn, num_classes: int):
+  """The step jitted with the state's shardings in and out (the state donated) and the batch split over the
+  data axes. `state` may be abstract."""
+  state_sh = sharding.shardings_of(state)
+  return jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, num_classes=num_classes,
+                        mix=mixup_args(config), seed=config.seed, micro_steps=config.get("grad_accum", 1),
+                        ema_decay=float(config.get("ema_decay", 0.0))),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
@@ -178,24 +207,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   shard = pipelines.Shard.of_this_process()
   steps = total_steps(config, pipelines.steps_per_epoch(source, host_batch, shard.count))
 
-  graphdef, params, rest = sharding.place(init_model(config.init, cfg, config.seed), mesh)
-  tx, lr_fn = optim.make(config.optim, params, steps, depth=cfg.depth)
-  rep = sharding.replicated(mesh)
-  state = {"step": jax.device_put(jnp.int32(0), rep), "params": params,
-           "opt_state": sharding.create_opt_state(tx, params, mesh), "rest": rest,
-           "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
+  graphdef, state, tx, lr_fn = create_state(config, cfg, mesh, steps)
   ema_decay = float(config.get("ema_decay", 0.0))
-  if ema_decay:
-    state["ema"] = jax.tree.map(jnp.copy, params)
-
   ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
-
-  state_sh = sharding.shardings_of(state)
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, num_classes=cfg.num_classes,
-                        mix=mixup_args(config), seed=config.seed, micro_steps=config.get("grad_accum", 1),
-                        ema_decay=ema_decay),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, rep), donate_argnums=(0,))
+  step_fn = jit_train_step(config, mesh, state, graphdef, tx, lr_fn, cfg.num_classes)
 
   aug = d.augment
   transform = pipelines.finetune_transform(

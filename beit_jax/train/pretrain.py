@@ -137,13 +137,7 @@ def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh
   graphdef, params, rest = sharding.create_sharded(
       lambda: models.Beit(cfg, rngs=models.beit.make_rngs(config.seed)), mesh, abstract=abstract)
   tx, lr_fn = optim.make(config.optim, params, steps)
-  rep = sharding.replicated(mesh)
-  scalar = ((lambda v: jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)) if abstract else
-            (lambda v: jax.device_put(jnp.int32(v), rep)))
-  state = {"step": scalar(0), "params": params,
-           "opt_state": sharding.create_opt_state(tx, params, mesh, abstract=abstract), "rest": rest,
-           "nonfinite_step": scalar(-1)}
-  return graphdef, state, tx, lr_fn
+  return graphdef, sharding.train_state(params, rest, tx, mesh, abstract=abstract), tx, lr_fn
 
 
 def jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, num_predict: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -123,6 +124,21 @@ def create_opt_state(tx, params, mesh: Mesh, *, abstract: bool = False):
     return _abstract(shapes, out)
   with jax.set_mesh(mesh):
     return jax.jit(tx.init, out_shardings=out)(params)
+
+
+def scalar(value: int, mesh: Mesh, *, abstract: bool = False):
+  """A replicated int32 (a step count), or its ShapeDtypeStruct."""
+  if abstract:
+    return jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+  return jax.device_put(jnp.int32(value), replicated(mesh))
+
+
+def train_state(params, rest, tx, mesh: Mesh, *, abstract: bool = False) -> dict:
+  """The train state of the BEiT trainers: step, params, optimizer state (created in its shardings), the
+  model's other variables (RNG streams) and the first non-finite step (-1: none yet)."""
+  return {"step": scalar(0, mesh, abstract=abstract), "params": params,
+          "opt_state": create_opt_state(tx, params, mesh, abstract=abstract), "rest": rest,
+          "nonfinite_step": scalar(-1, mesh, abstract=abstract)}
 
 
 def shardings_of(tree) -> Any:

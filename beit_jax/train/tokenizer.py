@@ -129,6 +129,38 @@ def evaluate(eval_fn, state, batches) -> tuple[dict[str, float], Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
+def create_state(config: ml_collections.ConfigDict, tcfg: vqgan.PecoConfig, mesh, steps: int, *,
+                 abstract: bool = False) -> dict[str, Any]:
+  """The tokenizer and discriminator (graphdefs "tok_def", "disc_def"), their train state ("state", created in
+  its shardings, or ShapeDtypeStructs with `abstract=True`), optimizers ("tx_g", "tx_d") and "lr_fn"."""
+  key = jax.random.key(config.seed)
+  tok_def, tok_params, tok_rest = sharding.create_sharded(
+      lambda: vqgan.PecoTokenizer(tcfg, rngs=nnx.Rngs(params=key, codebook=jax.random.fold_in(key, 1))), mesh,
+      abstract=abstract)
+  disc_cfg = config.loss.disc
+  disc_def, disc_params, disc_rest = sharding.create_sharded(
+      lambda: discriminator.NLayerDiscriminator(tcfg.channels, disc_cfg.ndf, disc_cfg.n_layers,
+                                                rngs=nnx.Rngs(jax.random.fold_in(key, 2))), mesh, abstract=abstract)
+  tx_g, lr_fn = optim.make(config.optim, tok_params, steps)
+  tx_d, _ = optim.make(config.optim, disc_params, steps)
+  opt = lambda tx, params: sharding.create_opt_state(tx, params, mesh, abstract=abstract)
+  state = {"step": sharding.scalar(0, mesh, abstract=abstract), "tok_params": tok_params, "tok_rest": tok_rest,
+           "tok_opt": opt(tx_g, tok_params), "disc_params": disc_params, "disc_rest": disc_rest,
+           "disc_opt": opt(tx_d, disc_params), "nonfinite_step": sharding.scalar(-1, mesh, abstract=abstract)}
+  return {"tok_def": tok_def, "disc_def": disc_def, "state": state, "tx_g": tx_g, "tx_d": tx_d, "lr_fn": lr_fn}
+
+
+def jit_train_step(config, mesh, parts: dict[str, Any], perceptual, *, gan: bool):
+  """The step (before loss.disc_start: gan=False; from it on: gan=True) jitted with the state's shardings in
+  and out (the state donated), the images split over the data axes and the perceptual network replicated."""
+  state_sh, rep = sharding.shardings_of(parts["state"]), sharding.replicated(mesh)
+  return jax.jit(
+      functools.partial(train_step, tok_def=parts["tok_def"], disc_def=parts["disc_def"], perceptual=perceptual,
+                        tx_g=parts["tx_g"], tx_d=parts["tx_d"], lr_fn=parts["lr_fn"], loss_cfg=config.loss, gan=gan),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), rep), out_shardings=(state_sh, rep),
+      donate_argnums=(0,))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
@@ -147,31 +179,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   spe = pipelines.steps_per_epoch(source, host_batch, shard.count)
   steps = pretrain.total_steps(config, spe)
   seed = config.seed
-  key = jax.random.key(seed)
 
-  tok_def, tok_params, tok_rest = sharding.create_sharded(
-      lambda: vqgan.PecoTokenizer(tcfg, rngs=nnx.Rngs(params=key, codebook=jax.random.fold_in(key, 1))), mesh)
-  disc_cfg = config.loss.disc
-  disc_def, disc_params, disc_rest = sharding.create_sharded(
-      lambda: discriminator.NLayerDiscriminator(tcfg.channels, disc_cfg.ndf, disc_cfg.n_layers,
-                                                rngs=nnx.Rngs(jax.random.fold_in(key, 2))), mesh)
-  tx_g, lr_fn = optim.make(config.optim, tok_params, steps)
-  tx_d, _ = optim.make(config.optim, disc_params, steps)
-  rep = sharding.replicated(mesh)
-
-  state = {"step": jax.device_put(jnp.int32(0), rep), "tok_params": tok_params, "tok_rest": tok_rest,
-           "tok_opt": sharding.create_opt_state(tx_g, tok_params, mesh), "disc_params": disc_params, "disc_rest": disc_rest,
-           "disc_opt": sharding.create_opt_state(tx_d, disc_params, mesh), "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
+  parts = create_state(config, tcfg, mesh, steps)
+  tok_def, state = parts["tok_def"], parts["state"]
   ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
 
+  rep = sharding.replicated(mesh)
   perc_state = jax.device_put(perceptual.state, rep) if perceptual is not None else None
   state_sh = sharding.shardings_of(state)
   batch_sh = sharding.batch_sharding(mesh)
-  make_step = lambda gan: jax.jit(
-      functools.partial(train_step, tok_def=tok_def, disc_def=disc_def, perceptual=perceptual, tx_g=tx_g, tx_d=tx_d,
-                        lr_fn=lr_fn, loss_cfg=config.loss, gan=gan),
-      in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
-  steps_fn = {False: make_step(False), True: make_step(True)}
+  steps_fn = {gan: jit_train_step(config, mesh, parts, perceptual, gan=gan) for gan in (False, True)}
   eval_fn = jax.jit(functools.partial(eval_step, tok_def=tok_def), in_shardings=(state_sh, batch_sh, batch_sh),
                     out_shardings=rep)
 
