@@ -12,7 +12,7 @@ PYTEST_ARGS ?= $(if $(filter true,$(CI)),-m "not slow",)
 
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= /tmp/beit_demo
-.PHONY: venv data demo test test-all bench clean
+.PHONY: venv data demo test test-all bench gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,9 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[torch,test]'
-	# OpenAI's dall_e, the reference for the DALL-E tokenizer tests; its declared dependencies are not needed.
-	$(PY) -m pip install -q --no-deps dall-e==0.1
+	# OpenAI's dall_e (the reference of the DALL-E tokenizer tests) and taming-transformers (the VQGAN peer of
+	# benchmarks/train_step.py): plain PyTorch modules; their declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps dall-e==0.1 taming-transformers==0.0.1
 	touch $(STAMP)
 
 demo: $(STAMP) data
@@ -43,7 +44,14 @@ test-all: $(STAMP) data
 	$(PY) -m pytest tests -n 2
 
 bench: $(STAMP)
-	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The pure-Python packages that benchmarks/gpu.sh needs beside a CUDA image's jax/torch/timm/flax, as wheels in
+# .whl/ (copy the folder along; gpu.sh installs them there without an index).
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0 dall-e==0.1 \
+	  taming-transformers==0.0.1
