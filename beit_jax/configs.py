@@ -19,6 +19,23 @@ def _run_keys(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+# Cloud TPU slices the pod configs name -> the topology `beit_jax.compile_for` compiles for (chips, not cores:
+# a v4-32 has 16 chips).
+PODS = {"v4-32": "v4:2x2x4", "v5e-64": "v5e:8x8", "v5p-32": "v5p:2x2x4", "v5p-128": "v5p:4x4x4"}
+
+
+def on_pod(c: ml_collections.ConfigDict, slice_name: str, fsdp: int = 1) -> ml_collections.ConfigDict:
+  """`c` for a TPU slice: bf16 compute (f32 parameters and optimizer state), the batch over every chip, and
+  parameters + optimizer state sharded `fsdp` ways (1: pure data parallel, the fastest while the state fits; see
+  README "Sharding strategies"). `c.topology` is what compile_for checks it against."""
+  if slice_name not in PODS:
+    raise ValueError(f"unknown TPU slice {slice_name!r}; known: {sorted(PODS)}")
+  c.topology = PODS[slice_name]
+  c.model.overrides = {**dict(c.model.overrides), "dtype": "bfloat16"}
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": fsdp, "tensor": 1})
+  return c
+
+
 def pretrain() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = "pretrain"

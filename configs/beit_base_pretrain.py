@@ -10,10 +10,16 @@ ImageNet-1K (800 epochs; 82.86 after 300, paper Table 4). The argument is OpenAI
 """
 from beit_jax import configs
 
+# Parameters + optimizer state sharded this many ways per TPU slice (absent: 1, pure data parallel).
+FSDP: dict[str, int] = {}
 
-def get_config(dalle_encoder: str = ""):
+
+def get_config(arg: str = ""):
+  dalle_encoder, _, tpu_slice = arg.partition(",")
   c = configs.pretrain()
   c.tokenizer = {"name": "dalle", "encoder": dalle_encoder, "decoder": None}
   # The IN-1K command of the BEiT README uses ImageNet's mean/std.
   c.data.mean_std = "imagenet"
+  if tpu_slice:
+    configs.on_pod(c, tpu_slice, fsdp=FSDP.get(tpu_slice, 1))
   return c

@@ -39,6 +39,11 @@ for _size, (_w, _d, _h, _ls) in _SIZES.items():
     register(f"beit_{_size}_patch{_patch}_{_res}", img_size=_res, patch_size=_patch, width=_w, depth=_d,
              num_heads=_h, layer_scale_init=_ls)
 
+# ViT-g/14 (width 1408, depth 40, MLP 6144: Zhai et al., "Scaling Vision Transformers") in BEiT's layout: no
+# paper trains a BEiT this size; it is here to show the ceiling of a pod slice (BENCHMARKS.md, issue 9).
+register("beit_giant_patch14_224", img_size=224, patch_size=14, width=1408, depth=40, num_heads=16,
+         mlp_ratio=6144 / 1408, layer_scale_init=1e-5)
+
 register("beit_test_tiny", img_size=32, patch_size=8, width=32, depth=2, num_heads=2)
 register("beit_test_small", img_size=64, patch_size=8, width=64, depth=4, num_heads=4)
 # The demo's model: Fashion-MNIST at 32 px in 4 px patches (an 8x8 grid), small enough for a 2-core CPU.
