@@ -61,10 +61,15 @@ def topology_devices(name: str):
     return jax.devices()[:n]
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
-    return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
   except Exception as e:  # pylint: disable=broad-except  (libtpu missing or an unknown name: say which)
     raise SystemExit(f"--topology={name}: no TPU topology ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                      "Needs libtpu (pip install 'jax[tpu]==<jax version>'); names like v5p:2x2x2, v5e:4x4") from e
+  # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore"); a topology description lists
+  # both cores, so keep one per chip, as a real slice's jax.devices() does.
+  if any(getattr(d, "core_on_chip", 0) for d in devices):
+    devices = [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
+  return devices
 
 
 def _abstract(tree, sharding):

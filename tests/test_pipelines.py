@@ -213,3 +213,38 @@ def test_masking_device_mixup_do_not_import_tensorflow():
   code = ("import sys, beit_jax.data.masking, beit_jax.data.device, beit_jax.data.mixup; "
           "assert 'tensorflow' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_awkward_image_files_are_decoded_or_skipped_and_counted(tmp_path):
+  """What a scraped folder holds: grayscale, grayscale+alpha, RGBA, 16-bit PNGs, CMYK and progressive JPEGs,
+  a truncated JPEG, a text file named .jpg, an empty file, and an empty class folder. Every decodable image
+  becomes [S, S, 3] float32 in [0, 1] (16-bit scaled, not clipped); files without an image signature are
+  skipped and counted in "skipped"; the truncated JPEG has a valid signature but fails to decode, so tf.data
+  drops it with a logged warning (the pipeline's documented behaviour: it is not in "skipped")."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  photo = skimage.data.astronaut()[:96, :96]
+  cls = tmp_path / "train" / "things"
+  cls.mkdir(parents=True)
+  (tmp_path / "train" / "nothing").mkdir()  # an empty class: no examples, no crash
+  gray = Image.fromarray(photo).convert("L")
+  gray.save(cls / "gray.png")
+  gray.convert("LA").save(cls / "gray_alpha.png")
+  Image.fromarray(photo).convert("RGBA").save(cls / "rgba.png")
+  Image.fromarray((np.asarray(gray).astype(np.uint16) * 257)).save(cls / "sixteen_bit.png")
+  Image.fromarray(photo).convert("CMYK").save(cls / "cmyk.jpg")
+  Image.fromarray(photo).save(cls / "progressive.jpg", progressive=True)
+  Image.fromarray(photo).save(cls / "whole.jpg")
+  (cls / "truncated.jpg").write_bytes((cls / "whole.jpg").read_bytes()[:1500])
+  (cls / "text.jpg").write_text("not an image")
+  (cls / "empty.png").write_bytes(b"")
+  src = sources.get_source(f"folder:{tmp_path}", "train")
+  ev = list(pipelines.eval_batches(src, pipelines.eval_transform(image_size=32), host_batch=16))
+  images, valid = ev[0]["image"], ev[0]["valid"].astype(bool)
+  print(f"{src.num_examples} files: {int(valid.sum())} decoded, {int(ev[0]['skipped'].max())} skipped")
+  assert int(ev[0]["skipped"].max()) == 2  # text.jpg and empty.png
+  assert int(valid.sum()) == 7  # gray, gray_alpha, rgba, sixteen_bit, cmyk, progressive, whole
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    tf.io.decode_image((cls / "truncated.jpg").read_bytes(), channels=3)
+  assert images.shape[1:] == (32, 32, 3) and images.dtype == np.float32
+  assert np.isfinite(images[valid]).all()

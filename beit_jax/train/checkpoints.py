@@ -6,9 +6,12 @@ renames it when complete, so a crash never leaves a half-written step that looks
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import pathlib
 import signal
+import socket
 
 import jax
 import orbax.checkpoint as ocp
@@ -89,6 +92,7 @@ class TrainCheckpoints:
     self.directory = pathlib.Path(directory).absolute()
     self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         create=True, max_to_keep=keep, enable_async_checkpointing=True))
+    self._lock = None
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -99,10 +103,47 @@ class TrainCheckpoints:
                                                   meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, target, step: int | None = None):
-    """(state, meta) of `step` (default: the latest) in the shardings of `target`, or None if there is none."""
-    step = self._mngr.latest_step() if step is None else step
-    if step is None:
-      return None
+    """(state, meta) of `step` (default: the newest that can be restored) in the shardings of `target`, or None
+    if there is none.
+
+    A newest step that cannot be read (truncated or corrupted files; orbax's atomic rename rules out a half
+    written one, not a disk that lost data later) is named in a warning and the previous one is tried; once an
+    older step restores, the unreadable newer ones are moved aside to `<step>.unreadable` (kept for a look,
+    never reused). If no step restores, the error names the newest step's failure: usually a checkpoint of
+    another model or config in this workdir.
+    """
+    steps = [step] if step is not None else sorted(self._mngr.all_steps(), reverse=True)
+    failures, errors = [], []
+    for s in steps:
+      try:
+        out = self._restore_step(target, s)
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds; all mean "unreadable")
+        failures.append(s)
+        logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
+                        self.directory / str(s), type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        errors.append(e)
+        continue
+      if failures:
+        self._set_aside(failures)
+      return out
+    if failures:
+      raise ValueError(f"no checkpoint in {self.directory} can be restored into this run's state (steps "
+                       f"{failures}; the newest failed with {type(errors[0]).__name__}: "
+                       f"{str(errors[0]).splitlines()[0][:500] if str(errors[0]) else ''}). A checkpoint of "
+                       "another model or config? Use a new workdir.") from errors[0]
+    return None
+
+  def _set_aside(self, steps) -> None:
+    if jax.process_index() == 0:  # one process renames (a shared filesystem); all reload
+      for s in steps:
+        src = self.directory / str(s)
+        dst = self.directory / f"{s}.unreadable"
+        if src.exists() and not dst.exists():
+          src.rename(dst)
+          logging.warning("moved the unreadable checkpoint %s to %s", src, dst)
+    self._mngr.reload()
+
+  def _restore_step(self, target, step: int):
     def abstract(x):
       if _is_key(x):
         data = jax.random.key_data(x)
@@ -120,6 +161,32 @@ class TrainCheckpoints:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+    if self._lock is not None:
+      self._lock.close()  # releases the flock
+      self._lock = None
+
+  def lock(self, workdir: pathlib.Path) -> None:
+    """Refuses a second run on this workdir while this one runs: an exclusive flock on workdir/run.lock, taken
+    by process 0 (multi-host runs share the workdir). The kernel drops it when the process dies, even by
+    SIGKILL, so a crashed run never leaves a stale lock. Local filesystems only (a gs:// workdir is not locked)."""
+    if jax.process_index() != 0 or "://" in str(workdir):
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    f = open(workdir / "run.lock", "a+")  # pylint: disable=consider-using-with  (held for the run)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      f.close()
+      self.close()
+      raise RuntimeError(f"workdir {workdir} is in use by another run ({holder}; lock {workdir / 'run.lock'}). "
+                         "Wait for it to finish or stop it, or use another workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    self._lock = f
 
 
 def resume(workdir, config, state, total_steps: int):
@@ -127,7 +194,12 @@ def resume(workdir, config, state, total_steps: int):
   from its newest checkpoint (or `state` as given), and the step to go on from. A checkpoint past this config's
   end belongs to another run: an error, never a silent skip."""
   ckpts = TrainCheckpoints(pathlib.Path(workdir) / "checkpoints", keep=config.get("keep_checkpoints", 3))
-  restored = ckpts.restore(state)
+  ckpts.lock(pathlib.Path(workdir))
+  try:
+    restored = ckpts.restore(state)
+  except Exception:
+    ckpts.close()
+    raise
   if restored is not None:
     state, meta = restored
     logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
