@@ -36,7 +36,7 @@ setuptools.setup(
         # scikit-image ships the real photos used by tests, examples and colabs (skimage.data).
         # nbclient/ipykernel run the colabs/ notebooks in the suite; matplotlib draws their figures.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.24", "nbclient>=0.10", "nbformat>=5.9",
-                 "ipykernel>=6.29", "matplotlib>=3.8"],
+                 "ipykernel>=6.29", "matplotlib>=3.8", "hypothesis>=6.100"],
     },
     entry_points={
         "console_scripts": [

@@ -37,6 +37,8 @@ GRID = [
     # The ceiling: ViT-g/14 (1.0B parameters) in PeCo's ViT-H set-up.
     ("peco_huge_pretrain", "v5p-128", "fsdp+tensor4", "beit_giant_patch14_224"),
     ("peco_huge_pretrain", "v5e-64", "fsdp", "beit_giant_patch14_224"),
+    ("peco_huge_pretrain", "v5p-32", "fsdp", "beit_giant_patch14_224"),
+    ("peco_huge_pretrain", "v4-32", "fsdp", "beit_giant_patch14_224"),
 ]
 
 
@@ -55,10 +57,12 @@ def config_for(name, slice_name, strategy, model):
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--json", default="")
-  p.add_argument("--only", default="", help="run the rows whose model name contains this")
+  p.add_argument("--only", default="", help="comma-separated: run the rows whose 'config model slice strategy' "
+                 "contains one of these")
   args = p.parse_args()
   for name, slice_name, strategy, model in GRID:
-    if args.only and args.only not in f"{name} {model}":
+    row = f"{name} {model} {slice_name} {strategy}"
+    if args.only and not any(o in row for o in args.only.split(",")):
       continue
     c = config_for(name, slice_name, strategy, model)
     model = c.model.name

@@ -83,3 +83,23 @@ def test_converted_safetensors_round_trip_and_errors(tmp_path, files):
     tokenizers.load("dalle", encoder=tmp_path / "nope.pkl")
   with pytest.raises(ValueError, match="unknown tokenizer 'vqgan'"):
     tokenizers.load("vqgan")
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pt"])
+def test_malicious_dall_e_pickle_is_refused_not_run(tmp_path, suffix):
+  """OpenAI's encoder.pkl is a pickled module, so the .pkl loader allows dall_e's classes, and nothing else."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import pickle  # pylint: disable=import-outside-toplevel
+  from beit_jax import convert  # pylint: disable=import-outside-toplevel
+  marker = tmp_path / "pwned"
+
+  class Exploit:
+    def __reduce__(self):
+      return (pathlib.Path.touch, (marker,))
+
+  path = tmp_path / f"encoder{suffix}"
+  with open(path, "wb") as f:
+    pickle.dump({"blocks.input.w": Exploit()}, f)
+  with pytest.raises(convert.UnsafeCheckpointError, match=f"refusing to load .*encoder{suffix}"):
+    dalle.read_state_dict(path)
+  assert not marker.exists()

@@ -255,12 +255,17 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     return load_file(str(path))
+  import pickle  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  if path.suffix == ".pkl":
-    with torch.serialization.safe_globals(_dall_e_safe_globals()):
+  from beit_jax.convert.pytorch import UnsafeCheckpointError  # pylint: disable=import-outside-toplevel
+  allowed = _dall_e_safe_globals() if path.suffix == ".pkl" else []
+  try:
+    with torch.serialization.safe_globals(allowed):
       obj = torch.load(path, map_location="cpu", weights_only=True)
-  else:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise UnsafeCheckpointError(
+        f"refusing to load {path}: the pickle names Python objects beyond tensors, plain containers and (for .pkl) "
+        f"dall_e's own modules, so loading it could run code. Detail: {str(e).splitlines()[0]}") from None
   if isinstance(obj, torch.nn.Module):
     obj = obj.state_dict()
   if not isinstance(obj, Mapping):

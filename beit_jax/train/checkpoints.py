@@ -6,6 +6,7 @@ renames it when complete, so a crash never leaves a half-written step that looks
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -80,6 +81,10 @@ def _is_key(x) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the complete ones before it are intact."""
+
+
 class TrainCheckpoints:
   """Training state (params, optimizer state, RNG state, step) plus a JSON record, saved by orbax.
 
@@ -99,8 +104,23 @@ class TrainCheckpoints:
 
   def save(self, step: int, state, meta: dict) -> None:
     state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
-    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  meta=ocp.args.JsonSave(meta)), force=True)
+    # An asynchronous save reports a failed write at the next save or at close: both go through _writing.
+    with self._writing(f"saving checkpoint {step} (or finishing the one before it)"):
+      self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _writing(self, what: str):
+    """A failed write (disk full, quota, permissions) as one clear error naming the complete checkpoints, which
+    the atomic rename leaves intact whatever failed."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax/OS errors alike)
+      intact = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) if self.directory.exists() else []
+      raise CheckpointWriteError(
+          f"{what} in {self.directory} failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})."
+          f" The complete checkpoints there are intact (steps {intact}); a disk full or over quota? Free space and "
+          f"rerun: the run resumes from step {max(intact) if intact else 0}.") from e
 
   def restore(self, target, step: int | None = None):
     """(state, meta) of `step` (default: the newest that can be restored) in the shardings of `target`, or None
@@ -156,11 +176,18 @@ class TrainCheckpoints:
     return state, dict(out["meta"])
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    with self._writing("writing a checkpoint"):
+      self._mngr.wait_until_finished()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      with self._writing("writing the last checkpoint"):
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+    finally:
+      self._release_lock()
+
+  def _release_lock(self) -> None:
     if self._lock is not None:
       self._lock.close()  # releases the flock
       self._lock = None
