@@ -248,3 +248,15 @@ def test_awkward_image_files_are_decoded_or_skipped_and_counted(tmp_path):
     tf.io.decode_image((cls / "truncated.jpg").read_bytes(), channels=3)
   assert images.shape[1:] == (32, 32, 3) and images.dtype == np.float32
   assert np.isfinite(images[valid]).all()
+
+
+def test_labels_out_of_range_are_an_error_naming_the_example(fmnist_train):
+  """Fashion-MNIST declared with 5 classes: its labels 5-9 are refused on the host, naming the example."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  wrong = dataclasses.replace(fmnist_train, num_classes=5)
+  t = pipelines.eval_transform(image_size=32)
+  with pytest.raises(ValueError, match=r"label [5-9] of example \d+ in .* is outside \[0, 5\)"):
+    next(pipelines.train_batches(wrong, t, host_batch=16, seed=0))
+  with pytest.raises(ValueError, match=r"is outside \[0, 5\)"):
+    next(pipelines.eval_batches(wrong, t, host_batch=16))
+  assert next(pipelines.eval_batches(fmnist_train, t, host_batch=16))["label"].max() <= 9  # right: no error

@@ -231,8 +231,25 @@ def train_batches(source: Source, transform: Transform, *, host_batch: int, seed
         return {**batch, "mask": tf.ensure_shape(m, (host_batch, *masks.grid))}
       ds = ds.map(add_masks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(lambda b, e=epoch: {**b, "epoch": tf.fill([host_batch], tf.constant(e, tf.int32))})
-    yield from tfds.as_numpy(ds.with_options(_options(threads)).prefetch(prefetch))
+    for batch in tfds.as_numpy(ds.with_options(_options(threads)).prefetch(prefetch)):
+      yield check_labels(batch, source)
     epoch, offset = epoch + 1, 0
+
+
+def check_labels(batch: dict[str, np.ndarray], source: Source) -> dict[str, np.ndarray]:
+  """A label outside [0, num_classes) would train on an all-zero target (one_hot) without a word: an error
+  naming the example, before it reaches the device."""
+  labels = batch.get("label")
+  if source.num_classes and labels is not None and labels.size:
+    bad = (labels < 0) | (labels >= source.num_classes)
+    if "valid" in batch:
+      bad &= batch["valid"].astype(bool)
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise ValueError(f"label {int(labels[i])} of example {int(batch['index'][i])} in {source.name} split "
+                       f"{source.split!r} is outside [0, {source.num_classes}): the labels or the source's "
+                       "number of classes are wrong")
+  return batch
 
 
 def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard: Shard = Shard(),
@@ -247,7 +264,7 @@ def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard
   pad = {k: tf.zeros(v.shape, v.dtype) for k, v in spec.items()}
   pad["valid"] = tf.constant(False)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * host_batch)
-  return iter(tfds.as_numpy(ds.batch(host_batch).with_options(_options()).prefetch(2)))
+  return (check_labels(b, source) for b in tfds.as_numpy(ds.batch(host_batch).with_options(_options()).prefetch(2)))
 
 
 def num_eval_batches(source: Source, host_batch: int, num_hosts: int = 1) -> int:
