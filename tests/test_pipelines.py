@@ -246,6 +246,9 @@ def test_awkward_image_files_are_decoded_or_skipped_and_counted(tmp_path):
   assert int(valid.sum()) == 7  # gray, gray_alpha, rgba, sixteen_bit, cmyk, progressive, whole
   with pytest.raises(tf.errors.InvalidArgumentError):
     tf.io.decode_image((cls / "truncated.jpg").read_bytes(), channels=3)
+  (tmp_path / "val" / "things").mkdir(parents=True)  # a split whose folders hold no image at all
+  with pytest.raises(FileNotFoundError, match=f"no images .* under {tmp_path / 'val'}"):
+    sources.get_source(f"folder:{tmp_path}", "val")
   assert images.shape[1:] == (32, 32, 3) and images.dtype == np.float32
   assert np.isfinite(images[valid]).all()
 
