@@ -181,7 +181,14 @@ def compile_for(config, topology: str, utilisation: float = 0.5) -> dict:
   notes: list[str] = []
   step, args, model_flops = BUILDERS[config.mode](config, mesh, notes)
   with jax.set_mesh(mesh):
-    compiled = step.lower(*args).compile()
+    try:
+      compiled = step.lower(*args).compile()
+    except Exception as e:  # pylint: disable=broad-except  (the TPU compiler refuses a program that cannot fit)
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      return {"topology": topology, "device_kind": devices[0].device_kind, "devices": len(devices),
+              "mesh": dict(mesh.shape), "mode": config.mode, "global_batch": config.batch_size, "fits": False,
+              "compile_error": str(e).splitlines()[0][:400], "notes": notes}
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -208,8 +215,17 @@ def compile_for(config, topology: str, utilisation: float = 0.5) -> dict:
   return out
 
 
+_KNOBS = ("  to fit: shard parameters and optimizer state (--config.mesh.fsdp=N), rematerialise "
+          "(--config.model.overrides.remat=dots or full), accumulate gradients (--config.grad_accum=K), "
+          "or lower --config.batch_size")
+
+
 def report(r: dict) -> str:
   gib = lambda b: f"{b / 2**30:.2f} GiB"
+  if "compile_error" in r:
+    return "\n".join([f"{r['mode']} on {r['topology']} ({r['devices']} x {r['device_kind']}), mesh {r['mesh']}, "
+                      f"global batch {r['global_batch']}: DOES NOT FIT (the compiler refused it)",
+                      f"  {r['compile_error']}", *[f"  note: {n}" for n in r["notes"]], _KNOBS])
   m = r["per_device_bytes"]
   lines = [f"{r['mode']} on {r['topology']} ({r['devices']} x {r['device_kind']}), mesh {r['mesh']}, global batch "
            f"{r['global_batch']}",
@@ -228,9 +244,7 @@ def report(r: dict) -> str:
                  f"{r['expected_step_s'] * 1e3:.0f} ms/step, {r['expected_images_per_s']:,.0f} images/s")
   lines += [f"  note: {n}" for n in r["notes"]]
   if r.get("fits") is False:
-    lines.append("  to fit: shard parameters and optimizer state (--config.mesh.fsdp=N), rematerialise "
-                 "(--config.model.overrides.remat=dots or full), accumulate gradients (--config.grad_accum=K), "
-                 "or lower --config.batch_size")
+    lines.append(_KNOBS)
   return "\n".join(lines)
 
 

@@ -61,11 +61,11 @@ def main():
                  "contains one of these")
   args = p.parse_args()
   for name, slice_name, strategy, model in GRID:
+    c = config_for(name, slice_name, strategy, model)
+    model = c.model.name
     row = f"{name} {model} {slice_name} {strategy}"
     if args.only and not any(o in row for o in args.only.split(",")):
       continue
-    c = config_for(name, slice_name, strategy, model)
-    model = c.model.name
     try:
       r = compile_for.compile_for(c, c.topology)
     except Exception as e:  # pylint: disable=broad-except  (a failed compile is a row too)
