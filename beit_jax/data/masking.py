@@ -109,12 +109,16 @@ def blockwise_masks(seed: int, indices: Sequence[int] | np.ndarray, grid: tuple[
     draws[active] += np.uint64(tries.size)
     area = min_block + (budget - min_block) * u[..., 0]  # random.uniform(min_block, budget), either order
     aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, like Python's round
-    w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    # rint rounds half to even, like Python's round. Sides past the grid never fit; capping them there keeps the
+    # int cast finite when an extreme min_aspect overflows the square root (found by tests/test_fuzz.py).
+    h = np.rint(np.minimum(np.sqrt(area * aspect), gh + 1)).astype(np.int64)
+    w = np.rint(np.minimum(np.sqrt(area / aspect), gw + 1)).astype(np.int64)
     fits = (h < gh) & (w < gw)
     top = np.floor(u[..., 2] * (gh - h + 1)).astype(np.int64)  # random.randint(0, gh - h)
     left = np.floor(u[..., 3] * (gw - w + 1)).astype(np.int64)
-    top, left = np.minimum(top, gh), np.minimum(left, gw)
+    # A block that does not fit (h >= gh, possible when min_block exceeds the budget) draws a negative offset;
+    # it is rejected below, but its offsets must still index the table (found by tests/test_fuzz.py).
+    top, left = np.clip(top, 0, gh), np.clip(left, 0, gw)
     bottom, right = np.minimum(top + h, gh), np.minimum(left + w, gw)
     i = np.arange(m)[:, None]
     covered = sat[i, bottom, right] - sat[i, top, right] - sat[i, bottom, left] + sat[i, top, left]

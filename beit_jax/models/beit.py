@@ -75,7 +75,9 @@ class BeitConfig:
       check(isinstance(getattr(self, f), (int, np.integer)) and getattr(self, f) > 0, f, "must be a positive int")
     check(self.img_size % self.patch_size == 0, "img_size", f"must be a multiple of patch_size={self.patch_size}")
     check(self.width % self.num_heads == 0, "width", f"must be divisible by num_heads={self.num_heads}")
-    check(self.mlp_ratio > 0, "mlp_ratio", "must be > 0")
+    check(self.mlp_ratio > 0 and round(self.width * self.mlp_ratio) >= 1, "mlp_ratio",
+          f"must be > 0 and give an MLP of >= 1 unit (width {self.width} x mlp_ratio rounds to "
+          f"{round(self.width * self.mlp_ratio) if self.mlp_ratio == self.mlp_ratio else 'nan'})")
     check(self.layer_scale_init >= 0, "layer_scale_init", "must be >= 0 (0 disables LayerScale)")
     check(0 <= self.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)")
     check(self.num_classes >= 0, "num_classes", "must be >= 0")

@@ -35,6 +35,8 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   if unknown:
     raise ValueError(f"config.mesh has unknown axes {unknown}; use {MESH_AXES}")
   sizes = [int(spec.get(a, 1)) for a in MESH_AXES]
+  if any(s < 1 and s != -1 for s in sizes):
+    raise ValueError(f"config.mesh={dict(spec)}: axis sizes must be positive, or -1 for the rest of the devices")
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh={dict(spec)}: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
