@@ -1,20 +1,22 @@
-"""UperNet on a BEiT backbone (issue 11): shapes, BEiT's feature taps. The learning test on composited
-Fashion-MNIST (the data below) is not here yet: a first try (300 steps x 32, beit_test_small) learned
-foreground/background (IoU 95%) but not the garments (2.3%), mIoU 10.7% vs 8.0% for all-background.
+"""UperNet on a BEiT backbone (issue 11): shapes, BEiT's feature taps, and learning on composited Fashion-MNIST.
 
-The data are made here: two Fashion-MNIST items (28 px) pasted at random places on a 64 px black canvas; every
-pixel of an item brighter than 0.2 is labelled with its class + 1, the background 0, and a 1-pixel rim around
-each item 255 (ignored, as ADE20K's boundary pixels are)."""
+The data are made here (`composites`): a Fashion-MNIST item enlarged to 56 px at a random place on a 64 px black
+canvas; its pixels brighter than 0.2 labelled with its class + 1, the background 0, label boundaries 255 (ignored,
+as ADE20K's boundary pixels are). A first try with two 28 px items per canvas learned the background (IoU 95%) but
+not the garments (2.3%) in 300 steps: at 8 px patches a 28 px item is too few tokens for a model from scratch."""
 import gzip
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from beit_jax import models
 from beit_jax.data.sources import FASHION_MNIST_DIR
 from beit_jax.models import segmentation
+from beit_jax.train import seg_eval
 
 NUM_CLASSES = 11  # background + 10 garments
 
@@ -30,17 +32,19 @@ def fmnist(split="train"):
   return read(f"{prefix}-images-idx3-ubyte").astype(np.float32) / 255, read(f"{prefix}-labels-idx1-ubyte")
 
 
-def composites(images, labels, n, seed, size=64):
+def composites(images, labels, n, seed, size=64, scale=2):
+  """One Fashion-MNIST item per canvas, enlarged `scale` times (nearest), at a random place on a black `size`
+  px canvas; its pixels brighter than 0.2 labelled class + 1, the rest 0, label boundaries 255 (ignored)."""
   rng = np.random.default_rng(seed)
   x = np.zeros((n, size, size), np.float32)
   y = np.zeros((n, size, size), np.int32)
+  s = 28 * scale
   for i in range(n):
-    for _ in range(2):
-      k = rng.integers(len(images))
-      r, c = rng.integers(0, size - 28, 2)
-      item = images[k] > 0.2
-      x[i, r:r + 28, c:c + 28] = np.maximum(x[i, r:r + 28, c:c + 28], images[k])
-      y[i, r:r + 28, c:c + 28][item] = labels[k] + 1
+    k = rng.integers(len(images))
+    r, c = rng.integers(0, size - s + 1, 2)
+    item = np.kron(images[k], np.ones((scale, scale), np.float32))
+    x[i, r:r + s, c:c + s] = item
+    y[i, r:r + s, c:c + s][item > 0.2] = labels[k] + 1
   edge = np.zeros_like(y, bool)  # label boundaries (4-neighbour changes) ignored
   edge[:, 1:] |= y[:, 1:] != y[:, :-1]
   edge[:, :, 1:] |= y[:, :, 1:] != y[:, :, :-1]
@@ -75,5 +79,42 @@ def test_composited_fashion_mnist_labels():
   x, y = composites(*fmnist("test"), 16, seed=1)
   assert x.shape == (16, 64, 64, 3) and y.shape == (16, 64, 64)
   assert set(np.unique(y)) <= set(range(NUM_CLASSES)) | {255}
-  assert ((y > 0) & (y < 255)).mean() > 0.1 and (y == 0).mean() > 0.4  # garments and background both present
+  assert ((y > 0) & (y < 255)).mean() > 0.1 and (y == 0).mean() > 0.2  # garments and background both present
   assert (x[..., 0][y == 0] <= 0.2).all()  # background: black canvas or the dim fringe of an item
+
+
+def test_a_tiny_upernet_learns_to_segment_composited_fashion_mnist():
+  """A randomly initialised beit_test_small + UperNet, 200 AdamW steps of 16 (~80 s on 2 cores): the held-out
+  mIoU is several times the all-background segmenter's, and the garments are not just background."""
+  images, labels = fmnist("train")
+  x_train, y_train = composites(images[:20000], labels[:20000], 4096, seed=0)
+  x_test, y_test = composites(*fmnist("test"), 256, seed=1)
+  model = make()
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, 200), weight_decay=0.05)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, rest, x, y):
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p, rest, copy=True)  # train mode: BatchNorm statistics and dropout move
+      loss, main = segmentation.seg_loss(*m(x), y)
+      return loss, (main, nnx.state(m, nnx.Not(nnx.Param)))
+    (_, (main, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, rest, main
+
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    idx = rng.integers(0, len(x_train), 16)
+    params, opt_state, rest, main = step(params, opt_state, rest, x_train[idx], y_train[idx])
+  model = nnx.merge(graphdef, params, rest)
+  model.eval()
+  predict = jax.jit(lambda x: jnp.argmax(segmentation.resize(model(x)[0], (64, 64)), -1))
+  conf = seg_eval.confusion(np.asarray(predict(x_test)), y_test, NUM_CLASSES)
+  miou, iou = seg_eval.mean_iou(conf), seg_eval.iou_per_class(conf)
+  bg_only = seg_eval.mean_iou(seg_eval.confusion(np.zeros_like(y_test), y_test, NUM_CLASSES))
+  print(f"200 steps x 16: train loss {float(main):.3f}; held-out mIoU {100 * miou:.1f}% (all-background "
+        f"{100 * bg_only:.1f}%), background IoU {100 * iou[0]:.1f}%, garments {100 * np.nanmean(iou[1:]):.1f}%, "
+        f"pixel accuracy {100 * seg_eval.pixel_accuracy(conf):.1f}%")
+  assert miou > 3 * bg_only and np.nanmean(iou[1:]) > 0.1
