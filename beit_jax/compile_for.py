@@ -72,6 +72,13 @@ def topology_devices(name: str):
   return devices
 
 
+def _flops(compiled) -> float:
+  """XLA's FLOP count of a compiled program (0 where the backend gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def _abstract(tree, sharding):
   import jax  # pylint: disable=import-outside-toplevel
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
@@ -122,10 +129,8 @@ def _pretrain(config, mesh, notes):
   # same compiler's count is the one that can be subtracted from the step's).
   encode = jax.jit(lambda s, x: nnx.merge(tok_graphdef, s).encode(x))
   with jax.set_mesh(mesh):
-    tok_cost = encode.lower(tok_state, batch["tokenizer_image"]).compile().cost_analysis()
-  tok_cost = tok_cost[0] if isinstance(tok_cost, (list, tuple)) else tok_cost
-  model_flops = (flops.train_flops(cfg, b, num_predict=d.mask.num_masked)
-                 + float(tok_cost["flops"]) * len(mesh.devices.flat))
+    tok_flops = _flops(encode.lower(tok_state, batch["tokenizer_image"]).compile())
+  model_flops = flops.train_flops(cfg, b, num_predict=d.mask.num_masked) + tok_flops * len(mesh.devices.flat)
   return step, (state, batch, tok_state), model_flops
 
 
@@ -147,12 +152,13 @@ def _tokenizer(config, mesh, notes):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from beit_jax.tokenizers import vqgan  # pylint: disable=import-outside-toplevel
   from beit_jax.train import sharding, tokenizer  # pylint: disable=import-outside-toplevel
+  config = config.copy_and_resolve_references()  # the substitution below must not change the caller's config
   source = config.loss.perceptual.source
   if config.loss.perceptual_weight and ":" in source and not pathlib.Path(source.split(":", 1)[1]).exists():
     notes.append(f"perceptual network {source} not here, compiled with beit_base_patch16_224")
     config.loss.perceptual.source = "name:beit_base_patch16_224"
   tcfg = vqgan.get_config(config.tokenizer.name, **dict(config.tokenizer.get("overrides", {})))
-  perceptual = tokenizer._perceptual(config)  # pylint: disable=protected-access
+  perceptual = tokenizer.perceptual_loss(config)
   parts = tokenizer.create_state(config, tcfg, mesh, _STEPS, abstract=True)
   b, s = config.batch_size, tcfg.input_size
   images = _batch(mesh, {"x": ((b, s, s, tcfg.channels), jnp.float32)})["x"]
@@ -168,16 +174,15 @@ def compile_for(config, topology: str, utilisation: float = 0.5) -> dict:
   """Compiles `config`'s train step over `topology`; returns the figures (see the module docstring)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from beit_jax.train import sharding  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import pretrain, sharding  # pylint: disable=import-outside-toplevel
   if config.mode not in BUILDERS:
     raise SystemExit(f"config.mode={config.mode!r}: compile_for knows {sorted(BUILDERS)}")
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(config.mesh, devices)
-  dp = sharding.data_parallel_size(mesh)
-  accum = config.get("grad_accum", 1)
-  if config.batch_size % (dp * accum):
-    raise SystemExit(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} x "
-                     f"config.grad_accum={accum} (config.mesh={dict(config.mesh)})")
+  try:
+    pretrain.check_batch(config, mesh)  # the trainers' own check of batch vs mesh and grad_accum
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   notes: list[str] = []
   step, args, model_flops = BUILDERS[config.mode](config, mesh, notes)
   with jax.set_mesh(mesh):
@@ -190,13 +195,11 @@ def compile_for(config, topology: str, utilisation: float = 0.5) -> dict:
               "mesh": dict(mesh.shape), "mode": config.mode, "global_batch": config.batch_size, "fits": False,
               "compile_error": str(e).splitlines()[0][:400], "notes": notes}
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   kind = devices[0].device_kind
   chip = CHIPS.get(kind)
   per_device = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
   total = per_device["argument"] + per_device["output"] - per_device["alias"] + per_device["temp"]
-  xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0  # per device: the SPMD program of one device
+  xla_flops = _flops(compiled)  # per device: the SPMD program of one device
   state = args[0]
   shard_bytes = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
   out = {"state_bytes_total": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),

@@ -24,15 +24,34 @@ def _run_keys(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 PODS = {"v4-32": "v4:2x2x4", "v5e-64": "v5e:8x8", "v5p-32": "v5p:2x2x4", "v5p-128": "v5p:4x4x4"}
 
 
-def on_pod(c: ml_collections.ConfigDict, slice_name: str, fsdp: int = 1) -> ml_collections.ConfigDict:
-  """`c` for a TPU slice: bf16 compute (f32 parameters and optimizer state), the batch over every chip, and
-  parameters + optimizer state sharded `fsdp` ways (1: pure data parallel, the fastest while the state fits; see
-  README "Sharding strategies"). `c.topology` is what compile_for checks it against."""
+def on_pod(c: ml_collections.ConfigDict, slice_name: str) -> ml_collections.ConfigDict:
+  """`c` for a TPU slice: bf16 compute (f32 parameters and optimizer state) and the batch data-parallel over
+  every chip, which fits the pod configs on the slices compiled in BENCHMARKS.md (BEiT-L on v4-32 aside, see
+  there); --config.mesh.fsdp=N shards the state where it does not (README "Sharding strategies").
+  `c.topology` is what compile_for checks it against."""
   if slice_name not in PODS:
     raise ValueError(f"unknown TPU slice {slice_name!r}; known: {sorted(PODS)}")
   c.topology = PODS[slice_name]
   c.model.overrides = {**dict(c.model.overrides), "dtype": "bfloat16"}
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": fsdp, "tensor": 1})
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  return c
+
+
+def large_recipe(c: ml_collections.ConfigDict, model_name: str) -> ml_collections.ConfigDict:
+  """BEiT-L's changes to the base recipe (Table 12: LayerScale 1e-5, gradient clip 1.0), which the larger
+  models (PeCo ViT-H) keep too."""
+  c.model.name = model_name
+  c.model.overrides = {"drop_path_rate": 0.1, "layer_scale_init": 1e-5}
+  c.optim.clip_grad = 1.0
+  return c
+
+
+def peco_tokens(c: ml_collections.ConfigDict, checkpoint: str, size: int = 224) -> ml_collections.ConfigDict:
+  """Targets from a trained PeCo tokenizer: it tokenizes a `size` px view itself (16x down to the model's grid),
+  resized bicubic, instead of DALL-E's 112 px lanczos view."""
+  c.tokenizer = {"name": "peco", "checkpoint": checkpoint}
+  c.data.tokenizer_size = size
+  c.data.tokenizer_resize = "bicubic"
   return c
 
 

@@ -260,7 +260,7 @@ def _jax_tokenizer(args, batch, mesh):
   config.loss.perceptual.source = f"name:{args.model}"
   config.loss.perceptual.model_overrides = {"dtype": args.dtype, "attention_impl": args.attention}
   tcfg = vqgan.get_config(config.tokenizer.name, **config.tokenizer.overrides)
-  perceptual = tokenizer._perceptual(config)  # pylint: disable=protected-access
+  perceptual = tokenizer.perceptual_loss(config)
   parts = tokenizer.create_state(config, tcfg, mesh, 100_000)
   images = np.random.default_rng(0).uniform(size=(batch, tcfg.input_size, tcfg.input_size, tcfg.channels))
   step_fn = tokenizer.jit_train_step(config, mesh, parts, perceptual, gan=False)

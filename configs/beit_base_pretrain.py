@@ -17,9 +17,6 @@ jax 0.10.2 / libtpu 0.0.42.1; expected images/s at 50% MFU):
 """
 from beit_jax import configs
 
-# Parameters + optimizer state sharded this many ways per TPU slice (absent: 1, pure data parallel).
-FSDP: dict[str, int] = {}
-
 
 def get_config(arg: str = ""):
   dalle_encoder, _, tpu_slice = arg.partition(",")
@@ -28,5 +25,5 @@ def get_config(arg: str = ""):
   # The IN-1K command of the BEiT README uses ImageNet's mean/std.
   c.data.mean_std = "imagenet"
   if tpu_slice:
-    configs.on_pod(c, tpu_slice, fsdp=FSDP.get(tpu_slice, 1))
+    configs.on_pod(c, tpu_slice)
   return c

@@ -15,18 +15,12 @@ jax 0.10.2 / libtpu 0.0.42.1; expected images/s at 50% MFU):
 """
 from beit_jax import configs
 
-# Parameters + optimizer state sharded this many ways per TPU slice (absent: 1, pure data parallel).
-FSDP: dict[str, int] = {}
-
 
 def get_config(arg: str = ""):
   dalle_encoder, _, tpu_slice = arg.partition(",")
-  c = configs.pretrain()
-  c.model.name = "beit_large_patch16_224"
-  c.model.overrides = {"drop_path_rate": 0.1, "layer_scale_init": 1e-5}
+  c = configs.large_recipe(configs.pretrain(), "beit_large_patch16_224")
   c.tokenizer = {"name": "dalle", "encoder": dalle_encoder, "decoder": None}
   c.data.mean_std = "imagenet"
-  c.optim.clip_grad = 1.0
   if tpu_slice:
-    configs.on_pod(c, tpu_slice, fsdp=FSDP.get(tpu_slice, 1))
+    configs.on_pod(c, tpu_slice)
   return c

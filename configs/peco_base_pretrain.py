@@ -10,9 +10,6 @@ from beit_jax import configs
 
 
 def get_config(tokenizer_checkpoint: str = ""):
-  c = configs.pretrain()
-  c.tokenizer = {"name": "peco", "checkpoint": tokenizer_checkpoint}
-  c.data.tokenizer_size = 224
-  c.data.tokenizer_resize = "bicubic"
+  c = configs.peco_tokens(configs.pretrain(), tokenizer_checkpoint)
   c.data.mean_std = "imagenet"
   return c

@@ -16,21 +16,13 @@ memory it does not need here; BENCHMARKS.md has the fsdp and ViT-g rows).
 """
 from beit_jax import configs
 
-# Parameters + optimizer state sharded this many ways per TPU slice (absent: 1, pure data parallel).
-FSDP: dict[str, int] = {}
-
 
 def get_config(arg: str = ""):
   tokenizer_checkpoint, _, tpu_slice = arg.partition(",")
-  c = configs.pretrain()
-  c.model.name = "beit_huge_patch14_224"
-  c.model.overrides = {"drop_path_rate": 0.1, "layer_scale_init": 1e-5}
-  c.tokenizer = {"name": "peco", "checkpoint": tokenizer_checkpoint}
-  c.data.tokenizer_size = 256
-  c.data.tokenizer_resize = "bicubic"
+  c = configs.peco_tokens(configs.large_recipe(configs.pretrain(), "beit_huge_patch14_224"), tokenizer_checkpoint,
+                          size=256)
   c.data.mean_std = "imagenet"
   c.data.mask.num_masked = 102
-  c.optim.clip_grad = 1.0
   if tpu_slice:
-    configs.on_pod(c, tpu_slice, fsdp=FSDP.get(tpu_slice, 1))
+    configs.on_pod(c, tpu_slice)
   return c

@@ -6,12 +6,6 @@ from beit_jax import configs
 
 
 def get_config(tokenizer_checkpoint: str = ""):
-  c = configs.pretrain()
-  c.model.name = "beit_large_patch16_224"
-  c.model.overrides = {"drop_path_rate": 0.1, "layer_scale_init": 1e-5}
-  c.tokenizer = {"name": "peco", "checkpoint": tokenizer_checkpoint}
-  c.data.tokenizer_size = 224
-  c.data.tokenizer_resize = "bicubic"
+  c = configs.peco_tokens(configs.large_recipe(configs.pretrain(), "beit_large_patch16_224"), tokenizer_checkpoint)
   c.data.mean_std = "imagenet"
-  c.optim.clip_grad = 1.0
   return c

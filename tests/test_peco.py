@@ -359,13 +359,13 @@ def test_perceptual_network_from_our_checkpoint_and_the_loop_config(tmp_path):
   checkpoints.save_model(tmp_path / "ssl", model)
   config = ml_collections.ConfigDict({"loss": {"perceptual_weight": 1.0, "perceptual": {
       "source": f"checkpoint:{tmp_path / 'ssl'}", "layers": (2,)}}})
-  loaded = tokenizer_loop._perceptual(config)  # pylint: disable=protected-access
+  loaded = tokenizer_loop.perceptual_loss(config)
   x = jnp.asarray(np.random.default_rng(6).random((2, 32, 32, 3)), jnp.float32)
   np.testing.assert_array_equal(np.asarray(loaded.features(x)[0]),
                                 np.asarray(losses.PerceptualLoss(model, (2,)).features(x)[0]))
   config.loss.perceptual.source = f"checkpoint:{tmp_path / 'nowhere'}"
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    tokenizer_loop._perceptual(config)  # pylint: disable=protected-access
+    tokenizer_loop.perceptual_loss(config)
   config.loss.perceptual.source = "dino:vit_small"
   with pytest.raises(ValueError, match="perceptual.source"):
-    tokenizer_loop._perceptual(config)  # pylint: disable=protected-access
+    tokenizer_loop.perceptual_loss(config)

@@ -46,16 +46,23 @@ _RUN = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import test_pretrain
     from beit_jax.train import pretrain
-    c = test_pretrain.tiny_config({tok!r}, total_steps=12, ckpt_every=2, log_every=2)
+    c = test_pretrain.tiny_config({tok!r}, **{kw!r})
     pretrain.train_and_evaluate(c, {workdir!r})
 """)
+
+
+def run_code(tokenizer_file, workdir, **overrides) -> str:
+  """Python source that runs the tiny pre-training config (12 steps, a checkpoint every 2, unless `overrides`
+  say otherwise) in a fresh process with 8 CPU devices: the subject of the kill/terminate tests."""
+  kw = {"total_steps": 12, "ckpt_every": 2, "log_every": 2, **overrides}
+  return _RUN.format(tests=str(pathlib.Path(__file__).parent), tok=str(tokenizer_file), workdir=str(workdir), kw=kw)
 
 
 def test_resume_after_sigkill_is_bitwise_equal(tmp_path, tokenizer_file):
   ref = pretrain.train_and_evaluate(tiny_config(tokenizer_file, total_steps=12, ckpt_every=2), tmp_path / "ref")
   workdir = tmp_path / "killed"
-  code = _RUN.format(tests=str(pathlib.Path(__file__).parent), tok=str(tokenizer_file), workdir=str(workdir))
-  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen([sys.executable, "-c", run_code(tokenizer_file, workdir)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     done = saved_steps(workdir)
@@ -77,9 +84,8 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path, tokenizer_file):
 
 def test_sigterm_saves_and_stops(tmp_path, tokenizer_file):
   workdir = tmp_path / "term"
-  code = _RUN.format(tests=str(pathlib.Path(__file__).parent), tok=str(tokenizer_file), workdir=str(workdir))
-  code = code.replace("ckpt_every=2", "ckpt_every=1000")
-  proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, "-c", run_code(tokenizer_file, workdir, ckpt_every=1000)],
+                          stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and not (workdir / "events_seen").exists():
     if list(workdir.glob("events.out.tfevents*")) and proc.poll() is None:

@@ -81,6 +81,11 @@ def _is_key(x) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _first_line(error: Exception, limit: int) -> str:
+  text = str(error)
+  return text.splitlines()[0][:limit] if text else ""
+
+
 class CheckpointWriteError(OSError):
   """A checkpoint could not be written; the complete ones before it are intact."""
 
@@ -118,7 +123,7 @@ class TrainCheckpoints:
     except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax/OS errors alike)
       intact = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) if self.directory.exists() else []
       raise CheckpointWriteError(
-          f"{what} in {self.directory} failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})."
+          f"{what} in {self.directory} failed ({type(e).__name__}: {_first_line(e, 300)})."
           f" The complete checkpoints there are intact (steps {intact}); a disk full or over quota? Free space and "
           f"rerun: the run resumes from step {max(intact) if intact else 0}.") from e
 
@@ -133,24 +138,24 @@ class TrainCheckpoints:
     another model or config in this workdir.
     """
     steps = [step] if step is not None else sorted(self._mngr.all_steps(), reverse=True)
-    failures, errors = [], []
+    failed = []  # (step, error), newest first
     for s in steps:
       try:
         out = self._restore_step(target, s)
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds; all mean "unreadable")
-        failures.append(s)
         logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
-                        self.directory / str(s), type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-        errors.append(e)
+                        self.directory / str(s), type(e).__name__, _first_line(e, 300))
+        failed.append((s, e))
         continue
-      if failures:
-        self._set_aside(failures)
+      if failed:
+        self._set_aside([f for f, _ in failed])
       return out
-    if failures:
+    if failed:
+      first = failed[0][1]
       raise ValueError(f"no checkpoint in {self.directory} can be restored into this run's state (steps "
-                       f"{failures}; the newest failed with {type(errors[0]).__name__}: "
-                       f"{str(errors[0]).splitlines()[0][:500] if str(errors[0]) else ''}). A checkpoint of "
-                       "another model or config? Use a new workdir.") from errors[0]
+                       f"{[f for f, _ in failed]}; the newest failed with {type(first).__name__}: "
+                       f"{_first_line(first, 500)}). A checkpoint of another model or config? Use a new "
+                       "workdir.") from first
     return None
 
   def _set_aside(self, steps) -> None:

@@ -115,9 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       lambda: LinearProbes(len(blocks), width, source.num_classes, rngs=nnx.Rngs(config.seed)), mesh)
   tx, lr_fn = optim.make(config.optim, params, steps)
   rep = sharding.replicated(mesh)
-  state = {"step": jax.device_put(jnp.int32(0), rep), "params": params,
-           "opt_state": sharding.create_opt_state(tx, params, mesh), "rest": rest,
-           "nonfinite_step": jax.device_put(jnp.int32(-1), rep)}
+  state = sharding.train_state(params, rest, tx, mesh)
   ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
 
   state_sh, backbone_sh = sharding.shardings_of(state), sharding.shardings_of(backbone_state)

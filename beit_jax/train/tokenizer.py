@@ -35,7 +35,8 @@ def psnr(x, y):
   return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
-def _perceptual(config):
+def perceptual_loss(config):
+  """The PerceptualLoss that config.loss.perceptual names (None when its weight is 0); paths checked first."""
   p = config.loss.perceptual
   if not config.loss.perceptual_weight:
     return None
@@ -172,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if d.channels != tcfg.channels:
     raise ValueError(f"config.data.channels={d.channels} but the tokenizer takes {tcfg.channels} channels "
                      f"(config.tokenizer.overrides.channels)")
-  perceptual = _perceptual(config)
+  perceptual = perceptual_loss(config)
   source = sources.get_source(d.source, d.split, d.get("data_dir"))
   eval_source = sources.get_source(d.source, d.eval_split, d.get("data_dir"))
   shard = pipelines.Shard.of_this_process()
