@@ -273,3 +273,80 @@ def random_erasing(image, seed: Seed, prob: float = 0.25, area=(0.02, 1 / 3), mi
   noise = tf.random.stateless_normal(tf.shape(image), s[4])
   apply = (_uniform(s[5]) < prob) & tf.reduce_any(ok)
   return tf.where(apply & inside, noise, image)
+
+
+# -- segmentation: the image and its annotation together (mmseg's ADE20K pipeline) ---------------------------------
+def rescale_size(height, width, long_edge, short_edge):
+  """mmcv's keep-ratio rescale: the largest size with the long side <= long_edge and the short side <=
+  short_edge (mmseg's Resize(img_scale=(2048, 512), keep_ratio=True)); int32 (h, w)."""
+  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  f = tf.minimum(long_edge / tf.maximum(h, w), short_edge / tf.minimum(h, w))
+  return tf.cast(h * f + 0.5, tf.int32), tf.cast(w * f + 0.5, tf.int32)
+
+
+def resize_pair(image, annotation, size):
+  """Bilinear image (cv2's, no antialiasing, as mmcv's imresize), nearest annotation."""
+  image = tf.clip_by_value(tf.image.resize(image, size, method="bilinear"), 0.0, 1.0)
+  annotation = tf.image.resize(annotation[..., None], size, method="nearest")[..., 0]
+  return image, annotation
+
+
+def random_rescale(image, annotation, seed: Seed, scale=(2048, 512), ratio_range=(0.5, 2.0)):
+  """mmseg Resize with ratio_range: the keep-ratio rescale to scale x r, r ~ U(ratio_range)."""
+  r = _uniform(seed, (), ratio_range[0], ratio_range[1])
+  size = rescale_size(tf.shape(image)[0], tf.shape(image)[1], scale[0] * r, scale[1] * r)
+  return resize_pair(image, annotation, size)
+
+
+def random_crop_pair(image, annotation, seed: Seed, crop: int, cat_max_ratio: float = 0.75, ignore: int = 255,
+                     tries: int = 10):
+  """mmseg RandomCrop: a crop x crop window (the whole side where the image is smaller); with cat_max_ratio < 1
+  up to `tries` windows are drawn and the first where no class covers more than that share of the labelled
+  pixels (and more than one class occurs) is kept, else the last."""
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  ch, cw = tf.minimum(h, crop), tf.minimum(w, crop)
+  n = tries if cat_max_ratio < 1.0 else 1
+  offsets = tf.random.stateless_uniform([n, 2], seed, 0, 2 ** 30, tf.int32) % tf.stack([h - ch + 1, w - cw + 1])
+  choice = tf.constant(n - 1)
+  if n > 1:
+    def ok(offset):
+      window = tf.cast(annotation[offset[0]:offset[0] + ch, offset[1]:offset[1] + cw], tf.int32)
+      counts = tf.math.bincount(tf.reshape(window, [-1]), minlength=256, maxlength=256)
+      counts = tf.tensor_scatter_nd_update(counts, [[ignore]], [0])
+      return (tf.math.count_nonzero(counts) > 1) & (
+          tf.cast(tf.reduce_max(counts), tf.float32) < cat_max_ratio * tf.cast(tf.reduce_sum(counts), tf.float32))
+    good = tf.stack([ok(offsets[i]) for i in range(n)])
+    choice = tf.where(tf.reduce_any(good), tf.argmax(tf.cast(good, tf.int32), output_type=tf.int32), n - 1)
+  top, left = offsets[choice][0], offsets[choice][1]
+  return image[top:top + ch, left:left + cw], annotation[top:top + ch, left:left + cw]
+
+
+def random_flip_pair(image, annotation, seed: Seed):
+  return tf.cond(_uniform(seed) < 0.5, lambda: (image[:, ::-1], annotation[:, ::-1]), lambda: (image, annotation))
+
+
+def photometric_distortion(image, seed: Seed):
+  """mmseg PhotoMetricDistortion on [0, 1] images: each with probability 1/2, brightness +- 32/255, contrast
+  x [0.5, 1.5] (before or after the HSV steps, at random), saturation x [0.5, 1.5], hue +- 18/180 of the circle."""
+  s = split(seed, 9)
+  coin = lambda k: _uniform(s[k]) < 0.5
+  clip = lambda x: tf.clip_by_value(x, 0.0, 1.0)
+  image = tf.where(coin(0), clip(image + _uniform(s[1], (), -32 / 255, 32 / 255)), image)
+  contrast_first = coin(2)
+  alpha = _uniform(s[3], (), 0.5, 1.5)
+  apply_contrast = coin(4)
+  image = tf.where(contrast_first & apply_contrast, clip(image * alpha), image)
+  hsv = tf.image.rgb_to_hsv(image)
+  sat = tf.where(coin(5), tf.clip_by_value(hsv[..., 1] * _uniform(s[6], (), 0.5, 1.5), 0.0, 1.0), hsv[..., 1])
+  hue_delta = tf.cast(tf.random.stateless_uniform((), s[8], -18, 19, tf.int32), tf.float32) / 180.0
+  hue = tf.where(coin(7), tf.math.floormod(hsv[..., 0] + hue_delta, 1.0), hsv[..., 0])
+  image = clip(tf.image.hsv_to_rgb(tf.stack([hue, sat, hsv[..., 2]], -1)))
+  return tf.where(~contrast_first & apply_contrast, clip(image * alpha), image)
+
+
+def pad_pair(image, annotation, height: int, width: int, ignore: int = 255):
+  """Pads at the bottom/right to height x width: the image with 0, the annotation with the ignore label."""
+  dh, dw = height - tf.shape(image)[0], width - tf.shape(image)[1]
+  image = tf.pad(image, [[0, dh], [0, dw], [0, 0]])
+  annotation = tf.pad(annotation, [[0, dh], [0, dw]], constant_values=tf.cast(ignore, annotation.dtype))
+  return tf.ensure_shape(image, (height, width, image.shape[-1])), tf.ensure_shape(annotation, (height, width))

@@ -88,8 +88,19 @@ def _has_image_signature(data: tf.Tensor) -> tf.Tensor:
   return ok
 
 
-def decoded(ds: tf.data.Dataset, encoded: bool, channels: int = 3, skip: int = 0) -> tf.data.Dataset:
-  """Examples with a float32 [0, 1] image of `channels` channels and a running count of skipped files.
+def _annotation(ann: tf.Tensor, reduce_zero_label: bool) -> tf.Tensor:
+  """uint8 [H, W] class ids; mmseg's reduce_zero_label: 0 ("other") -> 255 (ignored), k -> k - 1."""
+  if ann.shape.rank == 3:
+    ann = ann[..., 0]
+  if reduce_zero_label:
+    ann = tf.where(ann == 0, tf.constant(255, tf.uint8), ann - 1)
+  return ann
+
+
+def decoded(ds: tf.data.Dataset, encoded: bool, channels: int = 3, skip: int = 0,
+            reduce_zero_label: bool = False) -> tf.data.Dataset:
+  """Examples with a float32 [0, 1] image of `channels` channels (segmentation: and a uint8 "annotation") and a
+  running count of skipped files.
 
   `skip` drops that many *valid* examples first (a resume), so files rejected by their signature do not
   shift a resumed run against the uninterrupted one; they are read for the check, but not decoded.
@@ -101,14 +112,21 @@ def decoded(ds: tf.data.Dataset, encoded: bool, channels: int = 3, skip: int = 0
     ds = ds.filter(lambda ex: ex["ok"]).skip(skip)
 
     def decode(ex):
+      out = {k: v for k, v in ex.items() if k not in ("image_bytes", "annotation_bytes", "ok")}
       image = tf.io.decode_image(ex["image_bytes"], channels=channels, expand_animations=False)
-      return {"image": augment.to_float(image, channels), "label": ex["label"], "index": ex["index"],
-              "skipped": ex["skipped"]}
+      out["image"] = augment.to_float(image, channels)
+      if "annotation_bytes" in ex:
+        out["annotation"] = _annotation(tf.io.decode_png(ex["annotation_bytes"], channels=1), reduce_zero_label)
+      return out
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.ignore_errors(log_warning=True)
-  return ds.skip(skip).map(lambda ex: {"image": augment.to_float(ex["image"], channels), "label": ex["label"],
-                                      "index": ex["index"], "skipped": tf.constant(0, tf.int32)},
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def convert(ex):
+    out = {**ex, "image": augment.to_float(ex["image"], channels), "skipped": tf.constant(0, tf.int32)}
+    if "annotation" in ex:
+      out["annotation"] = _annotation(ex["annotation"], reduce_zero_label)
+    return out
+  return ds.skip(skip).map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 # -- per-example transforms -----------------------------------------------------------------------------------
@@ -221,7 +239,8 @@ def train_batches(source: Source, transform: Transform, *, host_batch: int, seed
   while True:
     raw = source.read(shard_index=shard.index, shard_count=shard.count, shuffle=True, seed=seed, epoch=epoch)
     # repeat(): a shard shortened by bad files wraps around, so every host yields exactly `spe` batches.
-    ds = decoded(raw, source.encoded, channels, skip=offset * host_batch).repeat()
+    ds = decoded(raw, source.encoded, channels, skip=offset * host_batch,
+                 reduce_zero_label=source.reduce_zero_label).repeat()
     ds = ds.map(lambda ex, e=epoch: transform(ex, tf.constant(e, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     ds = ds.batch(host_batch, drop_remainder=True).take(spe - offset)
@@ -249,6 +268,17 @@ def check_labels(batch: dict[str, np.ndarray], source: Source) -> dict[str, np.n
       raise ValueError(f"label {int(labels[i])} of example {int(batch['index'][i])} in {source.name} split "
                        f"{source.split!r} is outside [0, {source.num_classes}): the labels or the source's "
                        "number of classes are wrong")
+  ann = batch.get("annotation")
+  if source.num_classes and ann is not None and ann.size:
+    bad = ((ann >= source.num_classes) & (ann != 255)).any(axis=(1, 2))
+    if "valid" in batch:
+      bad &= batch["valid"].astype(bool)
+    if bad.any():
+      i = int(np.argmax(bad))
+      values = sorted(set(np.unique(ann[i]).tolist()) - set(range(source.num_classes)) - {255})
+      raise ValueError(f"annotation of example {int(batch['index'][i])} in {source.name} split {source.split!r} "
+                       f"holds class ids {values[:5]} outside [0, {source.num_classes}) and not the ignore label "
+                       "255: the annotations or the number of classes (data.num_classes) are wrong")
   return batch
 
 
@@ -257,7 +287,8 @@ def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard
   """One pass over the split, each example exactly once across hosts; every host yields the same number of
   batches, padded with `valid=False` rows (weight metrics by `valid`)."""
   num_batches = math.ceil(math.ceil(source.num_examples / shard.count) / host_batch)
-  ds = decoded(source.read(shard_index=shard.index, shard_count=shard.count), source.encoded, channels)
+  ds = decoded(source.read(shard_index=shard.index, shard_count=shard.count), source.encoded, channels,
+               reduce_zero_label=source.reduce_zero_label)
   ds = ds.map(lambda ex: {**transform(ex, tf.constant(0, tf.int64)), "valid": tf.constant(True)},
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   spec = ds.element_spec
@@ -269,3 +300,48 @@ def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard
 
 def num_eval_batches(source: Source, host_batch: int, num_hosts: int = 1) -> int:
   return math.ceil(math.ceil(source.num_examples / num_hosts) / host_batch)
+
+
+# -- semantic segmentation ---------------------------------------------------------------------------------------
+def seg_train_transform(*, seed: int, crop_size: int, scale=(2048, 512), ratio_range=(0.5, 2.0),
+                        cat_max_ratio: float = 0.75, photometric: bool = True, mean_std=INCEPTION) -> Transform:
+  """mmseg's ADE20K training pipeline (BEiT's): keep-ratio rescale to `scale` x U(ratio_range), a crop_size
+  random crop (cat_max_ratio), flip, photometric distortion, normalise, pad to crop_size (image 0, annotation
+  255), on the image and its annotation together."""
+  def fn(ex, epoch):
+    s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 4)
+    image, ann = augment.random_rescale(ex["image"], ex["annotation"], s[0], scale, ratio_range)
+    image, ann = augment.random_crop_pair(image, ann, s[1], crop_size, cat_max_ratio)
+    image, ann = augment.random_flip_pair(image, ann, s[2])
+    if photometric:
+      image = augment.photometric_distortion(image, s[3])
+    image, ann = augment.pad_pair(augment.normalize(image, *mean_std), ann, crop_size, crop_size)
+    return {"image": image, "annotation": ann, "index": ex["index"]}
+  return fn
+
+
+def seg_canvas(scale, crop_size: int) -> tuple[int, int]:
+  """(rows, columns) every evaluation image fits after its keep-ratio rescale to `scale` (long, short), lying
+  down (see seg_eval_transform), and at least one crop."""
+  return max(scale[1], crop_size), max(scale[0], crop_size)
+
+
+def seg_eval_transform(*, crop_size: int, scale=(2048, 512), mean_std=INCEPTION) -> Transform:
+  """mmseg's ADE20K test view: the keep-ratio rescale to `scale`, image and annotation (nearest), then laid on a
+  fixed canvas (seg_canvas; image 0, annotation 255 around it) so one compiled program evaluates every image.
+  A portrait image is stored transposed ("transposed": the evaluation step transposes each window back before
+  the model sees it), so one landscape canvas holds both orientations. "size": the image's (rows, columns) on
+  the canvas."""
+  rows, cols = seg_canvas(scale, crop_size)
+
+  def fn(ex, epoch):
+    del epoch
+    h, w = tf.shape(ex["image"])[0], tf.shape(ex["image"])[1]
+    image, ann = augment.resize_pair(ex["image"], ex["annotation"], augment.rescale_size(h, w, *scale))
+    transposed = tf.shape(image)[0] > tf.shape(image)[1]
+    image, ann = tf.cond(transposed, lambda: (tf.transpose(image, [1, 0, 2]), tf.transpose(ann)),
+                         lambda: (image, ann))
+    size = tf.shape(ann)
+    image, ann = augment.pad_pair(augment.normalize(image, *mean_std), ann, rows, cols)
+    return {"image": image, "annotation": ann, "size": size, "transposed": transposed, "index": ex["index"]}
+  return fn

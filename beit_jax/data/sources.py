@@ -15,6 +15,14 @@ A source is named by a spec string (the `data.source` config key):
   "folder:ROOT"                ROOT/<split>/<class>/<image> (tfds.ImageFolder's layout; gs:// paths work)
   "tfds:NAME" or "NAME"        tfds.builder(NAME, data_dir=data_dir), prepared beforehand
 Splits take tfds's slicing for the first examples everywhere: "test[:1000]".
+
+Semantic-segmentation sources (`get_seg_source`) yield an "annotation" (uint8 [H, W] class ids, 255 = ignore;
+or "annotation_bytes", a PNG) instead of a "label":
+  "ade20k:ROOT"                ADEChallengeData2016 (mmseg's and unilm's layout): ROOT/images/{training,
+                               validation}/*.jpg with ROOT/annotations/.../*.png; 150 classes, 0 ("other")
+                               ignored (mmseg's reduce_zero_label)
+  "fmnist_composite[:DIR]"     Fashion-MNIST items composited onto black canvases, labelled per pixel (tests, demo)
+  "tfds:NAME"                  a tfds dataset with "image" and "annotation" (or "segmentation_mask") features
 """
 from __future__ import annotations
 
@@ -55,6 +63,7 @@ class Source:
   num_classes: int
   encoded: bool  # "image_bytes" (needs decoding) rather than "image"
   _read: Callable[..., tf.data.Dataset]
+  reduce_zero_label: bool = False  # segmentation: annotation 0 -> ignore (255), k -> k - 1 (mmseg's ADE20K)
 
   def read(self, *, shard_index: int = 0, shard_count: int = 1, shuffle: bool = False, seed: int = 0,
            epoch: int = 0, skip: int = 0) -> tf.data.Dataset:
@@ -160,7 +169,7 @@ def image_folder(root: str, split: str) -> Source:
 
 
 # -- tfds ---------------------------------------------------------------------------------------------------------
-def tfds_source(name: str, split: str, data_dir: Optional[str] = None) -> Source:
+def _tfds_builder(name: str, data_dir: Optional[str]):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -168,10 +177,34 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None) -> Source
   if not builder.is_prepared():
     raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}: run "
                             f"tfds.builder({name!r}, data_dir=...).download_and_prepare() first")
+  return builder
+
+
+def _tfds_split_size(builder, name: str, split: str) -> int:
   try:
-    num = builder.info.splits[split].num_examples
+    return builder.info.splits[split].num_examples
   except KeyError:
     raise ValueError(f"tfds dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}") from None
+
+
+def _tfds_read(builder, split: str, shard_index: int, shard_count: int, shuffle: bool, seed: int, epoch: int,
+               decoders) -> tf.data.Dataset:
+  """One host's shard of one epoch, with "tfds_id"; shuffled files and a seeded buffer when `shuffle`."""
+  sub = tfds.even_splits(split, n=shard_count)[shard_index]
+  shuffle_seed = int(np.random.default_rng([seed, epoch, shard_index]).integers(2 ** 31))
+  config = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=shuffle_seed if shuffle else None,
+                           options=_deterministic())
+  ds = builder.as_dataset(split=sub, shuffle_files=shuffle, read_config=config, decoders=decoders)
+  return ds.shuffle(10_000, seed=shuffle_seed) if shuffle else ds
+
+
+def _tfds_index(ex) -> tf.Tensor:
+  return tf.strings.to_hash_bucket_fast(ex["tfds_id"], 2 ** 62)
+
+
+def tfds_source(name: str, split: str, data_dir: Optional[str] = None) -> Source:
+  builder = _tfds_builder(name, data_dir)
+  num = _tfds_split_size(builder, name, split)
   features = builder.info.features
   if "image" not in features or "label" not in features:
     raise ValueError(f"tfds dataset {name!r} lacks an 'image' or 'label' feature: {list(features)}")
@@ -180,17 +213,10 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None) -> Source
   encoded = getattr(features["image"], "encoding_format", None) in ("jpeg", "png")
 
   def read(*, shard_index, shard_count, shuffle, seed, epoch, skip):
-    sub = tfds.even_splits(split, n=shard_count)[shard_index]
-    shuffle_seed = int(np.random.default_rng([seed, epoch, shard_index]).integers(2 ** 31))
-    config = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=shuffle_seed if shuffle else None,
-                             options=_deterministic())
     decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
-    ds = builder.as_dataset(split=sub, shuffle_files=shuffle, read_config=config, decoders=decoders)
-    if shuffle:
-      ds = ds.shuffle(10_000, seed=shuffle_seed)
+    ds = _tfds_read(builder, split, shard_index, shard_count, shuffle, seed, epoch, decoders)
     ds = ds.map(lambda ex: {"image_bytes" if encoded else "image": ex["image"],
-                            "label": tf.cast(ex["label"], tf.int32),
-                            "index": tf.strings.to_hash_bucket_fast(ex["tfds_id"], 2 ** 62)})
+                            "label": tf.cast(ex["label"], tf.int32), "index": _tfds_index(ex)})
     return ds.skip(skip)
   return Source(f"tfds:{name}", split, num, num_classes, encoded, read)
 
@@ -213,3 +239,119 @@ def get_source(spec: str, split: str, data_dir: Optional[str] = None) -> Source:
   if kind == "tfds":
     return tfds_source(arg, split, data_dir)
   return tfds_source(spec, split, data_dir)
+
+
+# -- Semantic segmentation ------------------------------------------------------------------------------------------
+SEG_IGNORE = 255  # the label no loss or metric counts (ADE20K's "other" after reduce_zero_label, boundaries)
+ADE20K_SPLITS = {"train": "training", "training": "training", "validation": "validation", "val": "validation"}
+
+
+def ade20k_folder(root: str, split: str) -> Source:
+  """ADEChallengeData2016 as unzipped (the files mmseg's ADE20KDataset and BEiT's ADE20K results read)."""
+  split, part = _split_and_slice(split)
+  sub = ADE20K_SPLITS.get(split)
+  if sub is None:
+    raise ValueError(f"ade20k has splits {sorted(ADE20K_SPLITS)}, not {split!r}")
+  image_dir, ann_dir = (os.path.join(root, kind, sub) for kind in ("images", "annotations"))
+  for d in (image_dir, ann_dir):
+    if not tf.io.gfile.isdir(d):
+      raise FileNotFoundError(f"{d} does not exist: data.source='ade20k:ROOT' wants ROOT = the unzipped "
+                              "ADEChallengeData2016 (ROOT/images/training, ROOT/annotations/training, ...)")
+  names = sorted(n for n in tf.io.gfile.listdir(image_dir) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+  stems = [os.path.splitext(n)[0] for n in names]
+  have = set(tf.io.gfile.listdir(ann_dir))
+  missing = [s for s in stems if s + ".png" not in have]
+  if missing:
+    raise FileNotFoundError(f"{len(missing)} images of {image_dir} have no annotation {ann_dir}/<name>.png "
+                            f"(first: {missing[0]}.png)")
+  images = [os.path.join(image_dir, n) for n in names][part]
+  annotations = [os.path.join(ann_dir, s + ".png") for s in stems][part]
+  if not images:
+    raise ValueError(f"ade20k split {split!r} under {root}: no images (or the slice {part} is empty)")
+  images_t, annotations_t = tf.constant(images), tf.constant(annotations)
+
+  def make(ds):
+    return ds.map(lambda i: {"image_bytes": tf.io.read_file(tf.gather(images_t, i)),
+                             "annotation_bytes": tf.io.read_file(tf.gather(annotations_t, i)), "index": i},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+  return Source(f"ade20k:{root}", split, len(images), 150, True, _indexed(len(images), make), reduce_zero_label=True)
+
+
+# Composited Fashion-MNIST: one item enlarged `COMPOSITE_SCALE` times (nearest) at a random place on a black
+# canvas, its pixels brighter than 0.2 labelled class + 1, the rest background (0), the label boundaries 255 (as
+# ADE20K's unlabelled boundary pixels). Training canvases are square; test canvases are wider than tall, so that
+# evaluation slides windows over them. Placement is a pure function of the example's index.
+COMPOSITE_CANVAS = {"train": (64, 64), "test": (64, 96)}
+COMPOSITE_SCALE = 2
+
+
+def fmnist_composite(split: str, directory: str = FASHION_MNIST_DIR) -> Source:
+  items = fashion_mnist_files(split, directory)  # the split's checks and slicing
+  name, part = _split_and_slice(split)
+  prefix = {"train": "train", "test": "t10k"}[name]
+  d = pathlib.Path(directory)
+  images = tf.constant(_read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[part])
+  labels = tf.constant(_read_idx(_find(d, f"{prefix}-labels-idx1-ubyte"))[part].astype(np.int32))
+  height, width = COMPOSITE_CANVAS[name]
+  side = 28 * COMPOSITE_SCALE
+
+  def composite(i):
+    pos = tf.random.stateless_uniform([2], tf.stack([i, tf.constant(0x5E6, tf.int64)]),
+                                      0, 2 ** 30, tf.int64)
+    top, left = pos[0] % (height - side + 1), pos[1] % (width - side + 1)
+    item = tf.repeat(tf.repeat(tf.gather(images, i), COMPOSITE_SCALE, 0), COMPOSITE_SCALE, 1)
+    paddings = [[top, height - side - top], [left, width - side - left]]
+    canvas = tf.pad(item, paddings)
+    ann = tf.where(tf.cast(canvas, tf.float32) > 0.2 * 255, tf.gather(labels, i) + 1, 0)
+    edge = tf.pad(tf.not_equal(ann[:, 1:], ann[:, :-1]), [[0, 0], [1, 0]])
+    edge |= tf.pad(tf.not_equal(ann[1:], ann[:-1]), [[1, 0], [0, 0]])
+    ann = tf.where(edge, SEG_IGNORE, ann)
+    return {"image": canvas[..., None], "annotation": tf.cast(ann, tf.uint8), "index": i}
+  return Source(f"fmnist_composite:{d}", split, items.num_examples, 11, False,
+                _indexed(items.num_examples, lambda ds: ds.map(composite)))
+
+
+def tfds_seg_source(name: str, split: str, data_dir: Optional[str] = None, num_classes: int = 0) -> Source:
+  """A prepared tfds dataset with an "image" and an "annotation" (or "segmentation_mask") Image feature, class ids
+  in [0, num_classes) or 255. Image features record no class count: `num_classes` (data.num_classes) names it."""
+  if name.split("/")[0].split(":")[0] == "scene_parse150":
+    # tfds's scene_parse150 builds its annotations from the Places Challenge 2017 *instance* masks
+    # (annotations_instance/: red = one of 100 instance categories, green = the instance), not the 150-class
+    # scene-parsing maps that BEiT's and every ADE20K mIoU are measured on.
+    raise ValueError("tfds 'scene_parse150' holds the Places Challenge 2017 instance masks (100 categories in the "
+                     "red channel), not ADE20K's 150-class maps: download ADEChallengeData2016.zip and use "
+                     "data.source='ade20k:ROOT' (README, Segmentation)")
+  builder = _tfds_builder(name, data_dir)
+  features = builder.info.features
+  ann_key = next((k for k in ("annotation", "segmentation_mask") if k in features), None)
+  if "image" not in features or ann_key is None:
+    raise ValueError(f"tfds dataset {name!r} lacks an 'image' or 'annotation'/'segmentation_mask' feature: "
+                     f"{list(features)}")
+  if num_classes <= 0:
+    raise ValueError(f"tfds dataset {name!r}: set data.num_classes (its annotations do not record the count)")
+  num = _tfds_split_size(builder, name, split)
+
+  def read(*, shard_index, shard_count, shuffle, seed, epoch, skip):
+    ds = _tfds_read(builder, split, shard_index, shard_count, shuffle, seed, epoch,
+                    {"image": tfds.decode.SkipDecoding(), ann_key: tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: {"image_bytes": ex["image"], "annotation_bytes": ex[ann_key], "index": _tfds_index(ex)})
+    return ds.skip(skip)
+  return Source(f"tfds:{name}", split, num, num_classes, True, read)
+
+
+def get_seg_source(spec: str, split: str, data_dir: Optional[str] = None, num_classes: int = 0) -> Source:
+  """The segmentation source named by `spec` (see the module docstring); `num_classes` > 0 overrides the
+  source's count (a tfds dataset that does not record it)."""
+  kind, _, arg = spec.partition(":")
+  if kind == "ade20k":
+    if not arg:
+      raise ValueError("data.source='ade20k:ROOT' needs a ROOT (the unzipped ADEChallengeData2016)")
+    source = ade20k_folder(arg, split)
+  elif kind == "fmnist_composite":
+    source = fmnist_composite(split, arg or FASHION_MNIST_DIR)
+  elif kind == "tfds":
+    return tfds_seg_source(arg, split, data_dir, num_classes)
+  else:
+    raise ValueError(f"data.source={spec!r} is no segmentation source: use 'ade20k:ROOT', "
+                     "'fmnist_composite' or 'tfds:NAME'")
+  return dataclasses.replace(source, num_classes=num_classes) if num_classes else source
