@@ -32,7 +32,12 @@ def weight_decay_mask(params) -> Any:
 
 def layer_id(names: list[str], depth: int) -> int:
   """unilm `get_num_layer_for_vit`: embeddings 0, block i -> i + 1, everything else (heads, final norms,
-  shared relative position table) depth + 1."""
+  shared relative position table) depth + 1. A model that holds the BEiT as `backbone` (the segmentation
+  UperNet) is numbered by the backbone's names; its heads and adapter are depth + 1, as in unilm's
+  semantic_segmentation layer_decay_optimizer_constructor (where the adapter is part of the backbone but
+  matches no embedding or block name)."""
+  if names[0] == "backbone":
+    return layer_id(names[1:], depth)
   if names[0] in ("cls_token", "mask_token", "pos_embed", "patch_kernel", "patch_bias"):
     return 0
   if names[0] == "blocks":
@@ -47,11 +52,27 @@ def layer_decay_scales(params, depth: int, decay: float) -> Any:
 
 
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Per-step cosine from `lr` to `min_lr` after a linear warm-up from 0 (unilm utils.cosine_scheduler)."""
+  """The per-step learning rate `optim.schedule` names:
+  "cosine" (default): cosine from `lr` to `min_lr` after a linear warm-up from 0 (unilm utils.cosine_scheduler);
+  "poly": mmcv's PolyLrUpdaterHook, (lr - min_lr) (1 - step / total)^power + min_lr, times mmcv's linear
+  warm-up factor 1 - (1 - step / warmup)(1 - 1e-6) over the first warmup steps (BEiT's ADE20K recipe)."""
   warmup = int(cfg.get("warmup_steps", 0))
   if warmup >= total_steps:
     raise ValueError(f"optim.warmup_steps={warmup} must be smaller than the run's {total_steps} steps")
-  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total_steps, end_value=cfg.get("min_lr", 0.0))
+  kind = cfg.get("schedule", "cosine")
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total_steps, end_value=cfg.get("min_lr", 0.0))
+  if kind == "poly":
+    lr, min_lr, power = cfg.lr, cfg.get("min_lr", 0.0), cfg.get("power", 1.0)
+
+    def poly(step):
+      t = jnp.minimum(step, total_steps) / total_steps
+      value = (lr - min_lr) * (1.0 - t) ** power + min_lr
+      if not warmup:
+        return value
+      return value * jnp.where(step < warmup, 1.0 - (1.0 - step / warmup) * (1.0 - 1e-6), 1.0)
+    return poly
+  raise ValueError(f"optim.schedule={kind!r}: use 'cosine' or 'poly'")
 
 
 def _scale_by_tree(scales) -> optax.GradientTransformation:
