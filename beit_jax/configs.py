@@ -159,3 +159,45 @@ def linear_probe() -> ml_collections.ConfigDict:
       "name": "adamw", "lr": 4e-3, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 1e-4,
       "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad": 0.0, "layer_decay": 1.0})
   return c
+
+
+def segmentation() -> ml_collections.ConfigDict:
+  """ADE20K semantic segmentation with UperNet on BEiT-B/16 at 512 px (unilm semantic_segmentation
+  upernet_beit_base_12_512_slide_160k_ade20k_pt.py, spec section C): AdamW lr 7e-4, layer decay 0.65, wd 0.05,
+  poly(1.0) after 1500 linear warm-up steps, 160k steps of 16, drop path 0.1; train pipeline: keep-ratio rescale
+  to (2048, 512) x [0.5, 2.0], 512 crop (cat_max_ratio 0.75), flip, photometric distortion; test: rescale to
+  (2048, 512), sliding windows of 512 at stride 341; mIoU over the 150 classes."""
+  c = ml_collections.ConfigDict()
+  c.mode = "segmentation"
+  c.seed = 0
+  c.init = ""  # the backbone: "checkpoint:DIR" (ours) or "pytorch:PATH" (unilm/timm/HF); "" = from scratch
+  c.model = ml_collections.ConfigDict({"name": "beit_base_patch16_224",
+                                       "overrides": {"drop_path_rate": 0.1, "img_size": 512}})
+  # UperNet (models/segmentation.py SegConfig): out_indices () = blocks 3/5/7/11 (B) or 7/11/15/23 (L);
+  # channels 0 = the backbone width
+  c.seg = ml_collections.ConfigDict({"out_indices": (), "channels": 0, "pool_scales": (1, 2, 3, 6),
+                                     "aux_channels": 256, "aux_in_index": 2, "dropout": 0.1})
+  c.aux_weight = 0.4
+  c.data = ml_collections.ConfigDict({
+      "source": "ade20k:/path/to/ADEChallengeData2016", "split": "training", "data_dir": None, "num_classes": 0,
+      "image_size": 512, "crop_size": 512, "scale": (2048, 512), "ratio_range": (0.5, 2.0), "cat_max_ratio": 0.75,
+      "photometric": True,
+      # mmseg's BEiT ADE20K configs normalise with the ImageNet mean/std (123.675/58.395, ...); whether unilm's own
+      # configs did (BEiT pre-trains with 0.5/0.5, "inception") is not verified here: match the backbone's
+      "mean_std": "imagenet",
+      "threads": None})
+  c.batch_size = 16
+  c.epochs = 0
+  c.total_steps = 160_000
+  c.optim = ml_collections.ConfigDict({
+      "name": "adamw", "lr": 7e-4, "min_lr": 0.0, "warmup_steps": 1500, "weight_decay": 0.05, "schedule": "poly",
+      "power": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad": 0.0, "layer_decay": 0.65})
+  c.grad_accum = 1
+  _run_keys(c)
+  c.log_every = 50
+  c.ckpt_every = 4000
+  c.eval_split = "validation"
+  # every: evaluate each this many steps (0 = at the end only); batch_size: images per evaluation step (0 = one
+  # per data-parallel device); scale: the test rescale (None = data.scale)
+  c.eval = ml_collections.ConfigDict({"stride": 341, "every": 16_000, "batch_size": 0, "scale": None})
+  return c

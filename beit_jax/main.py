@@ -6,6 +6,8 @@
   finetune      classification fine-tuning from `config.init`        beit_jax/train/finetune.py
   eval          top-1/top-5 of the classifier `config.init` names    beit_jax/train/finetune.py
   linear_probe  one linear probe per block of a frozen backbone      beit_jax/train/linear_probe.py
+  segmentation  UperNet on a BEiT backbone (ADE20K)                 beit_jax/train/segmentation.py
+  seg_eval      sliding-window mIoU of the segmenter `config.init`  beit_jax/train/segmentation.py
 
 Multi-host: with `--distributed` (or BEIT_JAX_DISTRIBUTED=1; on Cloud TPU and SLURM jax finds the rest of the
 set-up itself), `jax.distributed.initialize()` runs before anything touches a device.

@@ -24,7 +24,7 @@ def test_config_is_complete(path):
   module, c = load(path)
   assert c.mode in modes.MODES
   assert "python -m beit_jax.main --config=configs/" + path.name in module.__doc__.replace("\\\n", "")
-  if c.mode in ("pretrain", "finetune", "linear_probe", "eval"):
+  if c.mode in ("pretrain", "finetune", "linear_probe", "eval", "segmentation"):
     cfg = registry.get_config(c.model.name, **dict(c.model.overrides))
     assert cfg.img_size == c.data.image_size
     assert c.batch_size > 0 and c.optim.lr > 0
@@ -51,6 +51,18 @@ def test_finetune_and_probe_recipes_are_the_papers():
   _, c = load(pathlib.Path(__file__).parent.parent / "configs" / "beit_base_linear_probe.py", "")
   assert (c.optim.lr, c.optim.weight_decay, c.optim.min_lr, c.batch_size, c.probe.use_cls) == (
       4e-3, 1e-4, 0.0, 1024, True)
+
+
+def test_segmentation_recipes_are_unilms():
+  _, c = load(pathlib.Path(__file__).parent.parent / "configs" / "beit_base_upernet_ade20k.py", "")
+  assert (c.batch_size, c.total_steps, c.optim.lr, c.optim.layer_decay, c.optim.weight_decay, c.optim.schedule,
+          c.optim.warmup_steps) == (16, 160_000, 7e-4, 0.65, 0.05, "poly", 1500)
+  assert (c.data.crop_size, tuple(c.data.scale), tuple(c.data.ratio_range), c.data.cat_max_ratio, c.eval.stride,
+          c.aux_weight, c.model.overrides.drop_path_rate, tuple(c.seg.pool_scales)) == (
+              512, (2048, 512), (0.5, 2.0), 0.75, 341, 0.4, 0.1, (1, 2, 3, 6))
+  _, c = load(pathlib.Path(__file__).parent.parent / "configs" / "beit_large_upernet_ade20k.py", "")
+  assert (c.data.crop_size, c.optim.lr, c.optim.layer_decay, c.optim.warmup_steps, c.eval.stride) == (
+      640, 2e-5, 0.95, 3000, 426)
 
 
 def test_unknown_key_is_named_before_anything_runs(tmp_path):

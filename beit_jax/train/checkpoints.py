@@ -7,6 +7,7 @@ renames it when complete, so a crash never leaves a half-written step that looks
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -18,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from beit_jax.models import segmentation
 from beit_jax.models.beit import Beit, BeitConfig, make_rngs
 
 
@@ -72,6 +74,34 @@ def load_model(directory: str | pathlib.Path, step: int | None = None, **overrid
   rest = jax.jit(lambda: create()[2])()
   nnx.replace_by_pure_dict(params, restore_tree(directory, step, tree_item="params", like=nnx.to_pure_dict(params)))
   return nnx.merge(graphdef, params, rest)
+
+
+def save_segmenter(directory: str | pathlib.Path, model: segmentation.UperNet, step: int = 0) -> None:
+  """A segmentation model: its parameters and BatchNorm statistics (`variables`) and both configs."""
+  config = {"backbone": model.backbone.config.to_dict(), "segmentation": dataclasses.asdict(model.cfg)}
+  save_with_config(directory, step, tree_item="variables", config_item="segmenter_config", config=config,
+                   tree=nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
+
+
+def load_segmenter(directory: str | pathlib.Path, step: int | None = None, **overrides) -> segmentation.UperNet:
+  """Restores a model saved by `save_segmenter`; `overrides` change the backbone's numerics only."""
+  try:
+    step, config = read_config(directory, step, config_item="segmenter_config", what="segmentation model")
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # orbax: no such item (a classifier's or backbone's folder)
+    raise ValueError(f"{directory} holds no segmentation model (no segmenter_config: a backbone or classifier "
+                     f"saved by save_model?): {_first_line(e, 200)}") from None
+  seg = config["segmentation"]
+  cfg = segmentation.SegConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in seg.items()})
+  create = lambda: nnx.split(segmentation.UperNet(Beit(BeitConfig(**config["backbone"]).replace(**overrides),
+                                                       rngs=make_rngs(0)), cfg, rngs=nnx.Rngs(0)),
+                             nnx.Any(nnx.Param, nnx.BatchStat), ...)
+  graphdef, variables, _ = nnx.eval_shape(create)
+  rest = jax.jit(lambda: create()[2])()
+  nnx.replace_by_pure_dict(variables, restore_tree(directory, step, tree_item="variables",
+                                                   like=nnx.to_pure_dict(variables)))
+  return nnx.merge(graphdef, variables, rest)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ MODES = {  # mode -> (module, function(config, workdir))
     "finetune": ("beit_jax.train.finetune", "train_and_evaluate"),
     "eval": ("beit_jax.train.finetune", "evaluate_checkpoint"),
     "linear_probe": ("beit_jax.train.linear_probe", "train_and_evaluate"),
+    "segmentation": ("beit_jax.train.segmentation", "train_and_evaluate"),
+    "seg_eval": ("beit_jax.train.segmentation", "evaluate_checkpoint"),
 }
 
 
