@@ -167,7 +167,20 @@ def _tokenizer(config, mesh, notes):
   return step, (parts["state"], images, perc), None
 
 
-BUILDERS = {"pretrain": _pretrain, "finetune": _finetune, "tokenizer": _tokenizer}
+def _segmentation(config, mesh, notes):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import segmentation  # pylint: disable=import-outside-toplevel
+  segmentation.check_config(config)
+  num_classes = config.data.get("num_classes") or 150
+  notes.append(f"{num_classes} classes (ADE20K's unless data.num_classes says otherwise)")
+  bcfg, seg_cfg = segmentation.model_configs(config, num_classes)
+  graphdef, state, tx, lr_fn = segmentation.create_state(config, bcfg, seg_cfg, mesh, _STEPS, abstract=True)
+  b, s = config.batch_size, config.data.crop_size
+  batch = _batch(mesh, {"image": ((b, s, s, 3), jnp.float32), "annotation": ((b, s, s), jnp.uint8)})
+  return segmentation.jit_train_step(config, mesh, state, graphdef, tx, lr_fn), (state, batch), None
+
+
+BUILDERS = {"pretrain": _pretrain, "finetune": _finetune, "tokenizer": _tokenizer, "segmentation": _segmentation}
 
 
 def compile_for(config, topology: str, utilisation: float = 0.5) -> dict:

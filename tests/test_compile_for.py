@@ -39,6 +39,22 @@ def test_pretrain_step_under_fsdp_on_8_devices(tokenizer_file):
   assert 0.9 < r["xla_flops_per_device"] * 8 / r["model_flops_per_step"] < 1.2
 
 
+def test_segmentation_step_shards_the_heads_under_fsdp():
+  """The UperNet step of the ADE20K recipe, at a small width, compiled for 8 devices with fsdp=8: backbone,
+  adapter and head convolutions are sharded (their output channels over fsdp), only BatchNorm statistics,
+  classifiers and the relative position tables stay whole."""
+  from configs import beit_base_upernet_ade20k  # pylint: disable=import-outside-toplevel
+  c = beit_base_upernet_ade20k.get_config()
+  c.model.overrides = {"img_size": 64, "width": 128, "depth": 4, "num_heads": 2}
+  c.data.image_size = c.data.crop_size = 64
+  c.seg.aux_channels, c.batch_size, c.eval.stride = 64, 8, 43
+  c.mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+  r = compile_for.compile_for(c, "cpu:8")
+  print(compile_for.report(r))
+  assert r["mode"] == "segmentation" and "fits" not in r
+  assert r["state_bytes_per_device"] < 0.2 * r["state_bytes_total"]
+
+
 def test_bad_batch_and_topology_are_named():
   c = finetune_config(model="beit_test_tiny", batch=6)
   c.data.image_size = 32

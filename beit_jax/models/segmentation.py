@@ -44,13 +44,33 @@ def _kaiming():
   return jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # mmcv's kaiming init of conv kernels
 
 
+def _axes(*names):
+  """Logical axis names for a flax layer's `*_metadata` (train/sharding.py RULES: "conv_out" over fsdp). BEiT-L's
+  head is ~115M parameters of 3x3 convolutions at 1024 channels, a third of the model: replicated under fsdp it
+  would cost every chip 1.8 GB of state. Sharded eagerly only under a mesh, as models/layers.param."""
+  return {"out_sharding": names,
+          "eager_sharding": nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty}
+
+
+def _conv(din: int, dout: int, k: int, *, out_axis: str = "conv_out", transpose: bool = False, **kw):
+  """nnx.Conv / ConvTranspose with its kernel [k, k, din, dout] and bias named for sharding; a classifier's
+  outputs (150 classes divide no mesh) are `out_axis="classes"` (replicated)."""
+  cls, extra = (nnx.ConvTranspose, {"strides": (k, k)}) if transpose else (nnx.Conv, {"padding": "SAME"})
+  return cls(din, dout, (k, k), kernel_metadata=_axes(None, None, "conv_in", out_axis),
+             bias_metadata=_axes(out_axis), **extra, **kw)
+
+
+def _batch_norm(d: int, rngs: nnx.Rngs):
+  return nnx.BatchNorm(d, momentum=0.9, epsilon=1e-5, scale_metadata=_axes("conv_out"),
+                       bias_metadata=_axes("conv_out"), rngs=rngs)
+
+
 class ConvModule(nnx.Module):
   """mmcv's ConvModule: k x k conv (no bias) + BatchNorm + ReLU."""
 
   def __init__(self, din: int, dout: int, k: int, *, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(din, dout, (k, k), padding="SAME", use_bias=False, kernel_init=_kaiming(),
-                         rngs=rngs)
-    self.bn = nnx.BatchNorm(dout, momentum=0.9, epsilon=1e-5, rngs=rngs)
+    self.conv = _conv(din, dout, k, use_bias=False, kernel_init=_kaiming(), rngs=rngs)
+    self.bn = _batch_norm(dout, rngs)
 
   def __call__(self, x):
     return jax.nn.relu(self.bn(self.conv(x)))
@@ -79,8 +99,8 @@ class Adapter(nnx.Module):
   """The four scales from four same-size feature maps: 4x, 2x, 1x, 1/2x."""
 
   def __init__(self, d: int, *, rngs: nnx.Rngs):
-    deconv = lambda: nnx.ConvTranspose(d, d, (2, 2), strides=(2, 2), rngs=rngs)
-    self.up4_a, self.up4_bn, self.up4_b = deconv(), nnx.BatchNorm(d, momentum=0.9, rngs=rngs), deconv()
+    deconv = lambda: _conv(d, d, 2, transpose=True, rngs=rngs)  # k2 s2
+    self.up4_a, self.up4_bn, self.up4_b = deconv(), _batch_norm(d, rngs), deconv()
     self.up2 = deconv()
 
   def __call__(self, feats):
@@ -101,7 +121,8 @@ class UperHead(nnx.Module):
     self.fpn = nnx.List([ConvModule(channels, channels, 3, rngs=rngs) for _ in range(3)])
     self.fuse = ConvModule(4 * channels, channels, 3, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)  # Dropout2d: whole channels
-    self.cls = nnx.Conv(channels, num_classes, (1, 1), kernel_init=jax.nn.initializers.normal(0.01), rngs=rngs)
+    self.cls = _conv(channels, num_classes, 1, out_axis="classes", kernel_init=jax.nn.initializers.normal(0.01),
+                     rngs=rngs)
 
   def __call__(self, levels):
     top = levels[3]
@@ -119,7 +140,8 @@ class FCNHead(nnx.Module):
   def __init__(self, d: int, channels: int, num_classes: int, dropout: float, *, rngs: nnx.Rngs):
     self.conv = ConvModule(d, channels, 3, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
-    self.cls = nnx.Conv(channels, num_classes, (1, 1), kernel_init=jax.nn.initializers.normal(0.01), rngs=rngs)
+    self.cls = _conv(channels, num_classes, 1, out_axis="classes", kernel_init=jax.nn.initializers.normal(0.01),
+                     rngs=rngs)
 
   def __call__(self, x):
     return self.cls(self.dropout(self.conv(x)))
