@@ -14,6 +14,10 @@ The steps (synthetic batches of the real shapes, so that no TensorFlow or data s
              token, LM head on the masked positions only, as unilm's modeling_pretrain.py), clip 3.0, AdamW.
   finetune   BEiT fine-tuning. Ours: `beit_jax.train.finetune.train_step` (mixup/cutmix, label smoothing,
              layer decay, drop path 0.1). Peer: timm's model, timm's Mixup and SoftTargetCrossEntropy, AdamW.
+  segmentation  ADE20K UperNet at 512 px (150 classes). Ours: `beit_jax.train.segmentation.train_step` (BEiT
+             backbone, multi-scale adapter, UPerHead + auxiliary FCN head with BatchNorm, pixel cross-entropy
+             ignoring 255, AdamW with layer decay 0.65, drop path 0.1). Peer: HF transformers'
+             `BeitForSemanticSegmentation` (unilm's released model ported; loss computed inside), AdamW.
   tokenizer  PeCo tokenizer training before the GAN phase. Ours: `beit_jax.train.tokenizer.train_step` (VQGAN
              f16 at 224 px, 8192 codes, L1 + perceptual loss on blocks 3/6/9/12 of a frozen BEiT-B + codebook
              loss, Adam). Peer: taming-transformers' Encoder/Decoder/VectorQuantizer (the VQGAN PeCo builds on)
@@ -48,10 +52,12 @@ import sys
 import tempfile
 import time
 
-STEPS = ("pretrain", "finetune", "tokenizer")
-# Per-device batches: what fills an 80 GB H100 in bf16 without remat, and what a 2-core CPU runs in seconds.
-DEFAULT_BATCH = {"gpu": {"pretrain": 256, "finetune": 256, "tokenizer": 32},
-                 "cpu": {"pretrain": 8, "finetune": 8, "tokenizer": 2}}
+STEPS = ("pretrain", "finetune", "tokenizer", "segmentation")
+# Per-device batches: what fills an 80 GB H100 in bf16 without remat, and what a 2-core CPU runs in seconds
+# (segmentation: 2, the fewest BatchNorm in training mode accepts for the 1x1 pyramid-pooling branch in torch).
+DEFAULT_BATCH = {"gpu": {"pretrain": 256, "finetune": 256, "tokenizer": 32, "segmentation": 16},
+                 "cpu": {"pretrain": 8, "finetune": 8, "tokenizer": 2, "segmentation": 2}}
+_SEG_CLASSES, _SEG_SIZE = 150, 512
 _NUM_CLASSES = 1000
 
 
@@ -269,6 +275,30 @@ def _jax_tokenizer(args, batch, mesh):
                                    perc_state)
 
 
+def _seg_batch(batch: int):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, _SEG_CLASSES, (batch, _SEG_SIZE, _SEG_SIZE)).astype(np.uint8)
+  labels[rng.random(labels.shape) < 0.1] = 255  # ADE20K's unlabelled pixels
+  return rng.standard_normal((batch, _SEG_SIZE, _SEG_SIZE, 3), np.float32), labels
+
+
+def _jax_segmentation(args, batch, mesh):
+  import jax  # pylint: disable=import-outside-toplevel
+  from beit_jax import configs  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import segmentation, sharding  # pylint: disable=import-outside-toplevel
+
+  config = configs.segmentation()
+  config.batch_size = batch
+  config.model.name = args.model
+  config.model.overrides.update(dtype=args.dtype, attention_impl=args.attention, remat=args.remat)
+  bcfg, seg_cfg = segmentation.model_configs(config, _SEG_CLASSES)
+  graphdef, state, tx, lr_fn = segmentation.create_state(config, bcfg, seg_cfg, mesh, 100_000)
+  images, labels = _seg_batch(batch)
+  step_fn = segmentation.jit_train_step(config, mesh, state, graphdef, tx, lr_fn)
+  return step_fn, state, (jax.device_put({"image": images, "annotation": labels}, sharding.batch_sharding(mesh)),)
+
+
 def run_jax(args, step_name: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from beit_jax.train import sharding  # pylint: disable=import-outside-toplevel
@@ -278,7 +308,8 @@ def run_jax(args, step_name: str) -> dict:
     raise SystemExit(f"--device={args.device} but JAX runs on {jax.default_backend()}")
   batch = batch_of(args, step_name)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices())
-  build = {"pretrain": _jax_pretrain, "finetune": _jax_finetune, "tokenizer": _jax_tokenizer}[step_name]
+  build = {"pretrain": _jax_pretrain, "finetune": _jax_finetune, "tokenizer": _jax_tokenizer,
+           "segmentation": _jax_segmentation}[step_name]
   step_fn, state, inputs = build(args, batch, mesh)
 
   t0 = time.perf_counter()
@@ -418,6 +449,27 @@ def run_torch(args, step_name: str) -> dict:
       with autocast():
         logits = net(x)
       return criterion(logits.float(), y), params, None
+  elif step_name == "segmentation":
+    from beit_jax.convert.timm_compat import import_transformers  # pylint: disable=import-outside-toplevel
+    transformers = import_transformers()
+    width, depth, heads = {"beit_base_patch16_224": (768, 12, 12), "beit_large_patch16_224": (1024, 24, 16)}[args.model]
+    hf_config = transformers.BeitConfig(
+        image_size=_SEG_SIZE, hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+        intermediate_size=4 * width, use_relative_position_bias=True, layer_scale_init_value=0.1,
+        drop_path_rate=0.1, use_auxiliary_head=True, auxiliary_loss_weight=0.4, semantic_loss_ignore_index=255,
+        num_labels=_SEG_CLASSES, out_indices=[3, 5, 7, 11] if depth == 12 else [7, 11, 15, 23])
+    model = transformers.BeitForSemanticSegmentation(hf_config).to(dev).train()
+    net = compile_(model)
+    params = list(model.parameters())
+    opt = adamw(params, lr=7e-4, betas=(0.9, 0.999), weight_decay=0.05)
+    x, y = _seg_batch(batch)
+    images = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev)
+    labels = torch.from_numpy(y.astype(np.int64)).to(dev)
+
+    def loss_fn():
+      with autocast():
+        loss = net(pixel_values=images, labels=labels).loss
+      return loss.float(), params, None
   else:
     from taming.modules.diffusionmodules.model import Decoder, Encoder  # pylint: disable=import-outside-toplevel
     from taming.modules.vqvae.quantize import VectorQuantizer  # pylint: disable=import-outside-toplevel
@@ -500,7 +552,7 @@ def print_report(info: dict, args, results: list[dict]):
         f"torch.compile {args.torch_compile}, ours: remat={args.remat} attention={args.attention}")
   print("  " + ", ".join(f"{k}={v}" for k, v in info.items() if v is not None))
   mem = "peak GPU MiB" if args.device == "gpu" else "step RSS MiB"
-  print(f"  {'step':<10}{'framework':<10}{'batch':>6}{'img/s':>9}{'step s':>9}{'cpu s':>8}{'first s':>9}"
+  print(f"  {'step':<14}{'framework':<10}{'batch':>6}{'img/s':>9}{'step s':>9}{'cpu s':>8}{'first s':>9}"
         f"{'TFLOP/s':>9}{'MFU %':>7}{mem:>14}")
   for step_name in args.steps:
     rows = {r["framework"]: r for r in results if r["step"] == step_name}
@@ -508,22 +560,22 @@ def print_report(info: dict, args, results: list[dict]):
     peak = (rows.get("jax") or {}).get("peak_tflops") or args.peak_tflops or None
     for name, r in rows.items():
       if "error" in r:
-        print(f"  {step_name:<10}{name:<10}{r['error']}")
+        print(f"  {step_name:<14}{name:<10}{r['error']}")
         continue
       tflops = flops / r["step_s_median"] / 1e12 if flops else None
       mfu = 100 * tflops / peak if tflops and peak else None
       memv = r.get("device_peak_mib") if args.device == "gpu" else r.get("step_peak_rss_mib")
-      print(f"  {step_name:<10}{name:<10}{r['batch']:6d}{r['images_per_s']:9.2f}{r['step_s_median']:9.3f}"
+      print(f"  {step_name:<14}{name:<10}{r['batch']:6d}{r['images_per_s']:9.2f}{r['step_s_median']:9.3f}"
             f"{r['cpu_s_median']:8.2f}{r['first_step_s']:9.1f}{_fmt(tflops, '9.3f')}{_fmt(mfu, '7.1f')}"
             f"{_fmt(memv, '14.0f')}")
     ours, peer = rows.get("jax", {}), rows.get("torch", {})
     if "images_per_s" in ours:
       x = ours.get("xla_memory_mib") or {}
-      print(f"  {'':<10}jax: compile {ours['compile_s']:.1f} s, {_fmt(flops and flops / 1e9, '.1f')} GFLOP/step "
+      print(f"  {'':<14}jax: compile {ours['compile_s']:.1f} s, {_fmt(flops and flops / 1e9, '.1f')} GFLOP/step "
             f"(XLA), peak {ours['peak_tflops']:.3f} TFLOP/s (matmul here), XLA memory "
             + ", ".join(f"{k} {v:.0f}" for k, v in x.items()) + " MiB")
     if "images_per_s" in ours and "images_per_s" in peer:
-      print(f"  {'':<10}ours / peer: {ours['images_per_s'] / peer['images_per_s']:.2f}x images/s")
+      print(f"  {'':<14}ours / peer: {ours['images_per_s'] / peer['images_per_s']:.2f}x images/s")
 
 
 def main(argv=None):
