@@ -265,6 +265,11 @@ def test_bad_segmentation_input_is_named(tmp_path):
     sources.get_seg_source("fashion_mnist_files", "train")
   with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
     sources.get_seg_source(f"ade20k:{tmp_path}", "training")
+  for kind in ("images", "annotations"):
+    (tmp_path / kind / "training").mkdir(parents=True)
+  (tmp_path / "images" / "training" / "ADE_train_00000001.jpg").write_bytes(b"\xff\xd8")
+  with pytest.raises(FileNotFoundError, match="1 images of .* have no annotation .*ADE_train_00000001.png"):
+    sources.get_seg_source(f"ade20k:{tmp_path}", "training")
   # annotation ids the source does not have: an error naming the example, before the device
   src = sources.get_seg_source("fmnist_composite", "test[:8]", num_classes=5)
   with pytest.raises(ValueError, match=r"annotation of example \d+ .* outside \[0, 5\)"):
