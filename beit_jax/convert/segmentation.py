@@ -47,7 +47,7 @@ from flax import nnx
 from beit_jax.convert.pytorch import (ConversionError, StateDict, _hf_config, export_state_dict, infer_config,
                                       load_state_dict, read_state_dict, to_timm_names)
 from beit_jax.models.beit import make_rngs
-from beit_jax.models.segmentation import SegConfig, UperNet
+from beit_jax.models.segmentation import SegConfig, UperNet, resolve
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +256,13 @@ def load_segmentation_state_dict(sd: Mapping[str, np.ndarray], *, img_size: int 
   cfg = infer_seg_config(head_sd, bcfg.depth, hf_config, hf_out_indices=hf_out_indices)
   if out_indices is not None:
     cfg = dataclasses.replace(cfg, out_indices=tuple(int(i) for i in out_indices))
-  if cfg.out_indices and (len(cfg.out_indices) != 4 or min(cfg.out_indices) < 0
-                          or max(cfg.out_indices) >= bcfg.depth):
-    raise ConversionError(f"out_indices {cfg.out_indices}: four 0-based blocks of the {bcfg.depth} are needed")
+  try:  # UperNet's own check, before the backbone is loaded
+    cfg = resolve(bcfg, cfg)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
   fresh_classes = num_classes is not None and num_classes != cfg.num_classes
   if fresh_classes:
     cfg = dataclasses.replace(cfg, num_classes=int(num_classes))
-  if bcfg.grid[0] % 2 or bcfg.grid[1] % 2:
-    raise ConversionError(f"img_size {bcfg.img_size} gives an odd patch grid {bcfg.grid}; UperNet needs it even")
 
   backbone = load_state_dict(backbone_sd, bcfg, seed=seed, rel_pos_interp=rel_pos_interp)
   model = UperNet(backbone, cfg, rngs=make_rngs(seed + 1))
@@ -278,11 +277,11 @@ def load_segmentation_state_dict(sd: Mapping[str, np.ndarray], *, img_size: int 
       fresh.append(name)
       used.add(name)
       continue
+    expected = to_torch(np.empty(var.shape)).shape
     if name not in head_sd:
       raise ConversionError(f"checkpoint has no tensor {name!r} for UperNet parameter {'/'.join(map(str, path))} "
-                            f"(expected shape {to_torch(np.empty(var.shape)).shape})")
+                            f"(expected shape {expected})")
     value = np.asarray(head_sd[name], np.float32)
-    expected = to_torch(np.empty(var.shape)).shape
     if value.shape != expected:
       raise ConversionError(f"tensor {name!r} has shape {value.shape} but UperNet ({cfg}) expects {expected}")
     var.set_value(jax.numpy.asarray(np.ascontiguousarray(to_ours(value)), dtype=var.dtype))

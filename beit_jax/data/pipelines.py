@@ -32,7 +32,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from beit_jax.data import augment, masking
-from beit_jax.data.sources import Source
+from beit_jax.data.sources import SEG_IGNORE, Source
 
 IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # BEiT's default normalisation (and its checkpoints')
@@ -93,7 +93,7 @@ def _annotation(ann: tf.Tensor, reduce_zero_label: bool) -> tf.Tensor:
   if ann.shape.rank == 3:
     ann = ann[..., 0]
   if reduce_zero_label:
-    ann = tf.where(ann == 0, tf.constant(255, tf.uint8), ann - 1)
+    ann = tf.where(ann == 0, tf.constant(SEG_IGNORE, tf.uint8), ann - 1)
   return ann
 
 
@@ -255,30 +255,33 @@ def train_batches(source: Source, transform: Transform, *, host_batch: int, seed
     epoch, offset = epoch + 1, 0
 
 
+def _first_bad_row(bad: np.ndarray, batch: dict[str, np.ndarray]):
+  """The first row flagged in `bad` [B] that is a real example (padding rows of evaluation batches aside)."""
+  if "valid" in batch:
+    bad = bad & batch["valid"].astype(bool)
+  return int(np.argmax(bad)) if bad.any() else None
+
+
 def check_labels(batch: dict[str, np.ndarray], source: Source) -> dict[str, np.ndarray]:
-  """A label outside [0, num_classes) would train on an all-zero target (one_hot) without a word: an error
-  naming the example, before it reaches the device."""
+  """A label outside [0, num_classes) would train on an all-zero target (one_hot) without a word, an annotation
+  id outside them on a wrong class: an error naming the example, before it reaches the device."""
+  if not source.num_classes:
+    return batch
   labels = batch.get("label")
-  if source.num_classes and labels is not None and labels.size:
-    bad = (labels < 0) | (labels >= source.num_classes)
-    if "valid" in batch:
-      bad &= batch["valid"].astype(bool)
-    if bad.any():
-      i = int(np.argmax(bad))
+  if labels is not None and labels.size:
+    i = _first_bad_row((labels < 0) | (labels >= source.num_classes), batch)
+    if i is not None:
       raise ValueError(f"label {int(labels[i])} of example {int(batch['index'][i])} in {source.name} split "
                        f"{source.split!r} is outside [0, {source.num_classes}): the labels or the source's "
                        "number of classes are wrong")
   ann = batch.get("annotation")
-  if source.num_classes and ann is not None and ann.size:
-    bad = ((ann >= source.num_classes) & (ann != 255)).any(axis=(1, 2))
-    if "valid" in batch:
-      bad &= batch["valid"].astype(bool)
-    if bad.any():
-      i = int(np.argmax(bad))
-      values = sorted(set(np.unique(ann[i]).tolist()) - set(range(source.num_classes)) - {255})
+  if ann is not None and ann.size:
+    i = _first_bad_row(((ann >= source.num_classes) & (ann != SEG_IGNORE)).any(axis=(1, 2)), batch)
+    if i is not None:
+      values = sorted(set(np.unique(ann[i]).tolist()) - set(range(source.num_classes)) - {SEG_IGNORE})
       raise ValueError(f"annotation of example {int(batch['index'][i])} in {source.name} split {source.split!r} "
                        f"holds class ids {values[:5]} outside [0, {source.num_classes}) and not the ignore label "
-                       "255: the annotations or the number of classes (data.num_classes) are wrong")
+                       f"{SEG_IGNORE}: the annotations or the number of classes (data.num_classes) are wrong")
   return batch
 
 

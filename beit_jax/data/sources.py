@@ -121,21 +121,28 @@ def _split_and_slice(split: str) -> tuple[str, slice]:
   return name, slice(int(start) if start else None, int(end) if end else None)
 
 
-def fashion_mnist_files(split: str, directory: str = FASHION_MNIST_DIR) -> Source:
+def _fashion_mnist_arrays(split: str, directory: str) -> tuple[str, np.ndarray, np.ndarray]:
+  """(split name, images uint8 [N, 28, 28], labels int32 [N]) of a split with tfds's slicing, checked."""
   split, part = _split_and_slice(split)
   prefix = {"train": "train", "test": "t10k"}.get(split)
   if prefix is None:
     raise ValueError(f"fashion_mnist_files has splits 'train' and 'test', not {split!r}")
   d = pathlib.Path(directory)
-  images = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[part, ..., None]  # [N, 28, 28, 1]
+  images = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[part]
   labels = _read_idx(_find(d, f"{prefix}-labels-idx1-ubyte"))[part].astype(np.int32)
   if not len(labels):
     raise ValueError(f"split {split!r} of fashion_mnist_files {d}: the slice {part} is empty")
-  images_t, labels_t = tf.constant(images), tf.constant(labels)
+  return split, images, labels
+
+
+def fashion_mnist_files(split: str, directory: str = FASHION_MNIST_DIR) -> Source:
+  split, images, labels = _fashion_mnist_arrays(split, directory)
+  images_t, labels_t = tf.constant(images[..., None]), tf.constant(labels)  # [N, 28, 28, 1]
 
   def make(ds):
     return ds.map(lambda i: {"image": tf.gather(images_t, i), "label": tf.gather(labels_t, i), "index": i})
-  return Source(f"fashion_mnist_files:{d}", split, len(labels), 10, False, _indexed(len(labels), make))
+  return Source(f"fashion_mnist_files:{pathlib.Path(directory)}", split, len(labels), 10, False,
+                _indexed(len(labels), make))
 
 
 # -- A folder of images -----------------------------------------------------------------------------------------
@@ -286,12 +293,9 @@ COMPOSITE_SCALE = 2
 
 
 def fmnist_composite(split: str, directory: str = FASHION_MNIST_DIR) -> Source:
-  items = fashion_mnist_files(split, directory)  # the split's checks and slicing
-  name, part = _split_and_slice(split)
-  prefix = {"train": "train", "test": "t10k"}[name]
-  d = pathlib.Path(directory)
-  images = tf.constant(_read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))[part])
-  labels = tf.constant(_read_idx(_find(d, f"{prefix}-labels-idx1-ubyte"))[part].astype(np.int32))
+  name, images, labels = _fashion_mnist_arrays(split, directory)
+  images, labels = tf.constant(images), tf.constant(labels)
+  num = int(labels.shape[0])
   height, width = COMPOSITE_CANVAS[name]
   side = 28 * COMPOSITE_SCALE
 
@@ -307,8 +311,8 @@ def fmnist_composite(split: str, directory: str = FASHION_MNIST_DIR) -> Source:
     edge |= tf.pad(tf.not_equal(ann[1:], ann[:-1]), [[1, 0], [0, 0]])
     ann = tf.where(edge, SEG_IGNORE, ann)
     return {"image": canvas[..., None], "annotation": tf.cast(ann, tf.uint8), "index": i}
-  return Source(f"fmnist_composite:{d}", split, items.num_examples, 11, False,
-                _indexed(items.num_examples, lambda ds: ds.map(composite)))
+  return Source(f"fmnist_composite:{pathlib.Path(directory)}", name, num, 11, False,
+                _indexed(num, lambda ds: ds.map(composite)))
 
 
 def tfds_seg_source(name: str, split: str, data_dir: Optional[str] = None, num_classes: int = 0) -> Source:

@@ -147,6 +147,20 @@ class FCNHead(nnx.Module):
     return self.cls(self.dropout(self.conv(x)))
 
 
+def resolve(bcfg: BeitConfig, cfg: SegConfig) -> SegConfig:
+  """`cfg` with its taps filled in (() = unilm's per depth, else the ends of the four quarters), checked against
+  the backbone: a ValueError for an odd patch grid or taps that are not four of its blocks."""
+  if bcfg.grid[0] % 2 or bcfg.grid[1] % 2:
+    raise ValueError(f"img_size {bcfg.img_size} gives an odd patch grid {bcfg.grid}; UperNet needs it even (the "
+                     "1/2x level max-pools it)")
+  d = bcfg.depth
+  taps = tuple(int(i) for i in cfg.out_indices) or OUT_INDICES.get(d) or (d // 4 - 1, d // 2 - 1, 3 * d // 4 - 1,
+                                                                          d - 1)
+  if len(taps) != 4 or min(taps) < 0 or max(taps) >= d:
+    raise ValueError(f"SegConfig.out_indices={taps}: four 0-based blocks of the {d} are needed")
+  return dataclasses.replace(cfg, out_indices=taps)
+
+
 class UperNet(nnx.Module):
   """BEiT backbone + adapter + UPerHead (+ auxiliary FCN head). `__call__(images)` -> (logits, aux logits) in f32:
   logits [B, 4 gh, 4 gw, K] (the 4x level), aux [B, gh, gw, K] at the resolution of the level the auxiliary head
@@ -158,12 +172,7 @@ class UperNet(nnx.Module):
     bcfg: BeitConfig = backbone.config
     if bcfg.num_classes or bcfg.vocab_size:
       raise ValueError("the segmentation backbone must have no head (num_classes=0, vocab_size=0)")
-    if bcfg.grid[0] % 2 or bcfg.grid[1] % 2:
-      raise ValueError(f"the patch grid {bcfg.grid} must be even (the 1/2x level max-pools it)")
-    self.cfg = dataclasses.replace(cfg, out_indices=tuple(cfg.out_indices) or OUT_INDICES.get(bcfg.depth) or (
-        bcfg.depth // 4 - 1, bcfg.depth // 2 - 1, 3 * bcfg.depth // 4 - 1, bcfg.depth - 1))
-    if len(self.cfg.out_indices) != 4 or max(self.cfg.out_indices) >= bcfg.depth:
-      raise ValueError(f"SegConfig.out_indices={self.cfg.out_indices}: four blocks of the {bcfg.depth}")
+    self.cfg = resolve(bcfg, cfg)
     d = bcfg.width
     channels = cfg.channels or d
     self.backbone = backbone

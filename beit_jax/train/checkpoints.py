@@ -63,24 +63,33 @@ def save_model(directory: str | pathlib.Path, model: Beit, step: int = 0) -> Non
                    config_item="model_config", config=model.config.to_dict())
 
 
+def _restore_module(directory, step: int, tree_item: str, build, saved):
+  """The module `build()` makes, with the `saved` variables (an nnx filter) restored from `tree_item` of `step`."""
+  create = lambda: nnx.split(build(), saved, ...)
+  graphdef, variables, _ = nnx.eval_shape(create)  # shapes only: the weights come from the checkpoint
+  # The other state (drop-path RNG streams) must be real; under jit XLA drops the unused weight init.
+  rest = jax.jit(lambda: create()[2])()
+  nnx.replace_by_pure_dict(variables, restore_tree(directory, step, tree_item=tree_item,
+                                                   like=nnx.to_pure_dict(variables)))
+  return nnx.merge(graphdef, variables, rest)
+
+
 def load_model(directory: str | pathlib.Path, step: int | None = None, **overrides) -> Beit:
   """Restores a model saved by `save_model` (the latest step by default); `overrides` change numerics only
   (e.g. dtype="bfloat16", attention_impl="cudnn", drop_path_rate=0.1)."""
   step, config = read_config(directory, step, config_item="model_config")
   cfg = BeitConfig(**config).replace(**overrides)
-  create = lambda: nnx.split(Beit(cfg, rngs=make_rngs(0)), nnx.Param, ...)
-  graphdef, params, _ = nnx.eval_shape(create)  # shapes only: the weights come from the checkpoint
-  # The non-parameter state (drop-path RNG streams) must be real; under jit XLA drops the unused weight init.
-  rest = jax.jit(lambda: create()[2])()
-  nnx.replace_by_pure_dict(params, restore_tree(directory, step, tree_item="params", like=nnx.to_pure_dict(params)))
-  return nnx.merge(graphdef, params, rest)
+  return _restore_module(directory, step, "params", lambda: Beit(cfg, rngs=make_rngs(0)), nnx.Param)
+
+
+_SEGMENTER_VARIABLES = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
 def save_segmenter(directory: str | pathlib.Path, model: segmentation.UperNet, step: int = 0) -> None:
   """A segmentation model: its parameters and BatchNorm statistics (`variables`) and both configs."""
   config = {"backbone": model.backbone.config.to_dict(), "segmentation": dataclasses.asdict(model.cfg)}
   save_with_config(directory, step, tree_item="variables", config_item="segmenter_config", config=config,
-                   tree=nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
+                   tree=nnx.to_pure_dict(nnx.state(model, _SEGMENTER_VARIABLES)))
 
 
 def load_segmenter(directory: str | pathlib.Path, step: int | None = None, **overrides) -> segmentation.UperNet:
@@ -92,16 +101,12 @@ def load_segmenter(directory: str | pathlib.Path, step: int | None = None, **ove
   except Exception as e:  # orbax: no such item (a classifier's or backbone's folder)
     raise ValueError(f"{directory} holds no segmentation model (no segmenter_config: a backbone or classifier "
                      f"saved by save_model?): {_first_line(e, 200)}") from None
-  seg = config["segmentation"]
-  cfg = segmentation.SegConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in seg.items()})
-  create = lambda: nnx.split(segmentation.UperNet(Beit(BeitConfig(**config["backbone"]).replace(**overrides),
-                                                       rngs=make_rngs(0)), cfg, rngs=nnx.Rngs(0)),
-                             nnx.Any(nnx.Param, nnx.BatchStat), ...)
-  graphdef, variables, _ = nnx.eval_shape(create)
-  rest = jax.jit(lambda: create()[2])()
-  nnx.replace_by_pure_dict(variables, restore_tree(directory, step, tree_item="variables",
-                                                   like=nnx.to_pure_dict(variables)))
-  return nnx.merge(graphdef, variables, rest)
+  cfg = segmentation.SegConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in config["segmentation"].items()})
+  bcfg = BeitConfig(**config["backbone"]).replace(**overrides)
+  return _restore_module(directory, step, "variables",
+                         lambda: segmentation.UperNet(Beit(bcfg, rngs=make_rngs(0)), cfg, rngs=nnx.Rngs(0)),
+                         _SEGMENTER_VARIABLES)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -143,8 +143,9 @@ def eval_batch_size(config, mesh) -> int:
   return n
 
 
-def eval_batches(config, mesh, split: str) -> Iterator[dict[str, jax.Array]]:
-  """The split's canvases with their window lists, as global batches (padded rows invalid)."""
+def eval_batches(config, mesh, split_source) -> Iterator[dict[str, jax.Array]]:
+  """The canvases of `split_source` (a Source) with their window lists, as global batches (padded rows
+  invalid)."""
   from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
   d, e = config.data, config.eval
   scale = tuple(e.get("scale") or d.scale)
@@ -157,14 +158,14 @@ def eval_batches(config, mesh, split: str) -> Iterator[dict[str, jax.Array]]:
     starts, valid = seg_eval.window_grid(b["size"], d.crop_size, e.stride, canvas)
     return {"image": b["image"], "annotation": b["annotation"], "transposed": b["transposed"], "valid": b["valid"],
             "starts": starts, "window_valid": valid}
-  it = pipelines.eval_batches(source(config, split), transform, host_batch=host_batch,
+  it = pipelines.eval_batches(split_source, transform, host_batch=host_batch,
                               shard=pipelines.Shard.of_this_process())
   return device.global_batches(map(with_windows, it), mesh, sharding.BATCH_AXES)
 
 
-def evaluate(config, mesh, eval_fn, params, rest, split: str) -> tuple[dict[str, float], np.ndarray]:
+def evaluate(config, mesh, eval_fn, params, rest, split_source) -> tuple[dict[str, float], np.ndarray]:
   """(the figures to log, the confusion matrix [K, K] of the split)."""
-  conf = metrics.sum_over(lambda batch: eval_fn(params, rest, batch), eval_batches(config, mesh, split))
+  conf = metrics.sum_over(lambda batch: eval_fn(params, rest, batch), eval_batches(config, mesh, split_source))
   iou = seg_eval.iou_per_class(conf)
   return {"eval_miou": seg_eval.mean_iou(conf), "eval_pixel_acc": seg_eval.pixel_accuracy(conf),
           "eval_pixels": float(conf.sum()), "eval_classes_seen": float(np.isfinite(iou).sum())}, conf
@@ -181,10 +182,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finetune.check_init(config.init)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
   host_batch = check_batch(config, mesh)
-  if config.get("eval_split"):
-    eval_batch_size(config, mesh)
   d = config.data
   train_source = source(config, d.split)
+  held_out = None
+  if config.get("eval_split"):
+    eval_batch_size(config, mesh)
+    held_out = source(config, config.eval_split)
   bcfg, seg_cfg = model_configs(config, train_source.num_classes)
   shard = pipelines.Shard.of_this_process()
   steps = total_steps(config, pipelines.steps_per_epoch(train_source, host_batch, shard.count))
@@ -205,10 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def after_step(step, s):  # mmseg's periodic evaluation (every 16k of 160k steps in BEiT's configs)
     nonlocal eval_fn, confusion
-    if not (config.get("eval_split") and config.eval.get("every") and step % config.eval.every == 0):
+    if not (held_out and config.eval.get("every") and step % config.eval.every == 0):
       return None
     eval_fn = eval_fn or jit_eval(config, graphdef, s["params"], s["rest"], mesh, seg_cfg.num_classes)
-    res, confusion = evaluate(config, mesh, eval_fn, s["params"], s["rest"], config.eval_split)
+    res, confusion = evaluate(config, mesh, eval_fn, s["params"], s["rest"], held_out)
     writer.write_scalars(step, res)
     return res
 
@@ -223,10 +226,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = nnx.merge(graphdef, state["params"], state["rest"])
   if finished and not (workdir / "model" / str(steps)).exists():
     checkpoints.save_segmenter(workdir / "model", model, step=steps)
-  if finished and config.get("eval_split") and "eval_miou" not in last:
+  if finished and held_out and "eval_miou" not in last:
     with jax.set_mesh(mesh):
       eval_fn = eval_fn or jit_eval(config, graphdef, state["params"], state["rest"], mesh, seg_cfg.num_classes)
-      res, confusion = evaluate(config, mesh, eval_fn, state["params"], state["rest"], config.eval_split)
+      res, confusion = evaluate(config, mesh, eval_fn, state["params"], state["rest"], held_out)
       last.update(res)
     writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
     writer.flush()
@@ -234,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {"state": state, "graphdef": graphdef, "metrics": last, "model": model, "confusion": confusion}
 
 
-def load_segmenter(init: str, seed: int = 0, **kw) -> segmentation.UperNet:
+def segmenter_of(init: str, seed: int = 0, **kw) -> segmentation.UperNet:
   """The whole segmentation model `init` names: "checkpoint:DIR" (saved by this loop) or "pytorch:PATH" (a
   unilm/mmseg or transformers segmentation checkpoint)."""
   if not init:
@@ -250,9 +253,10 @@ def load_segmenter(init: str, seed: int = 0, **kw) -> segmentation.UperNet:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`config.mode = "seg_eval"`: mIoU of the segmentation model `config.init` names on `config.eval_split`."""
   check_config(config)
-  model = load_segmenter(config.init, config.seed, img_size=config.data.crop_size)
+  model = segmenter_of(config.init, config.seed, img_size=config.data.crop_size)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
-  num_classes = source(config, config.eval_split).num_classes
+  held_out = source(config, config.eval_split)
+  num_classes = held_out.num_classes
   if model.cfg.num_classes != num_classes:
     raise ValueError(f"config.init={config.init!r} predicts {model.cfg.num_classes} classes, the eval split "
                      f"{num_classes}")
@@ -262,7 +266,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   graphdef, params, rest = sharding.place(model, mesh)
   with jax.set_mesh(mesh):
     out, confusion = evaluate(config, mesh, jit_eval(config, graphdef, params, rest, mesh, num_classes), params,
-                              rest, config.eval_split)
+                              rest, held_out)
   writer = metrics.create_writer(str(workdir))
   writer.write_scalars(0, out)
   writer.flush()
