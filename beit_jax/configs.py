@@ -65,6 +65,7 @@ def pretrain() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict({
       "source": "tfds:imagenet2012", "split": "train", "data_dir": None,
       "image_size": 224, "tokenizer_size": 112, "tokenizer_resize": "lanczos3", "color_jitter": 0.4,
+      "crop_scale": (0.08, 1.0),  # the random-resized crop's area range (torchvision's default, as BEiT)
       "mean_std": "inception",  # BEiT's default; the IN-1K recipe uses --imagenet_default_mean_and_std: "imagenet"
       "threads": None,
       "mask": {"num_masked": 75, "min_block": 16, "min_aspect": 0.3, "kind": "blockwise"},
@@ -139,6 +140,10 @@ def finetune() -> ml_collections.ConfigDict:
   c.grad_accum = 1
   _run_keys(c)
   c.eval_split = "validation"
+  # The learning curve: held-out top-1 every eval_every steps (0 = off) on eval_every_split ("" = eval_split),
+  # into TensorBoard and workdir/eval_history.jsonl
+  c.eval_every = 0
+  c.eval_every_split = ""
   return c
 
 
@@ -152,8 +157,11 @@ def linear_probe() -> ml_collections.ConfigDict:
   c.data.augment = {"crop_scale": (0.08, 1.0), "rand_augment": None, "erase_prob": 0.0}
   c.mixup = None
   c.label_smoothing = 0.0
-  # layers (): every block 1..depth; normalize: standardise features per example (ours, see models/heads.py)
-  c.probe = ml_collections.ConfigDict({"layers": (), "use_cls": True, "normalize": True})
+  # layers (): every block 1..depth; normalize: standardise features per example (ours, see models/heads.py);
+  # features: "augmented" (each step's random crops through the frozen backbone, the paper's) or "precomputed"
+  # (every training image's features once, then full-batch steps: a logistic regression run to convergence, for
+  # data sets whose features fit in memory; a step is then an epoch)
+  c.probe = ml_collections.ConfigDict({"layers": (), "use_cls": True, "normalize": True, "features": "augmented"})
   c.epochs = 50
   c.optim = ml_collections.ConfigDict({
       "name": "adamw", "lr": 4e-3, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 1e-4,

@@ -124,12 +124,68 @@ def test_dead_code_is_restarted_to_an_encoder_output_of_the_batch(mode):
   np.testing.assert_array_equal(new[2], codes[2])  # unused but alive: kept
   if mode == "l2":  # the learned codebook moves only by restarts
     np.testing.assert_array_equal(new[:3], codes[:3])
-  np.testing.assert_allclose(np.asarray(q.cluster_size[...]), [0.99 + 0.02, 0.99 + 0.01, 0.99, 0.5], atol=1e-6)
+  # A restarted code's count is 2 x the threshold: it may idle ln 2 / (1 - decay) steps before its next restart.
+  np.testing.assert_allclose(np.asarray(q.cluster_size[...]), [0.99 + 0.02, 0.99 + 0.01, 0.99, 1.0], atol=1e-6)
   # Without key= the quantizer draws from its own 'codebook' stream.
   q.cluster_size[...] = jnp.array([1.0, 1.0, 1.0, 0.0])
   q.codebook[...] = jnp.asarray(codes, jnp.float32)
   q(z)
   assert np.min(np.abs(candidates - np.asarray(q.codebook[...])[3]).max(-1)) < 1e-6
+
+
+def _dense_and_rare(rng, dense=960, rare=64, dim=8, noise=0.01):
+  """A batch like Fashion-MNIST's encodings: most rows in one tight cluster (black background), the rest spread
+  over 8 well-separated clusters (the garments)."""
+  centres = unit(rng.standard_normal((9, dim)))
+  rows = [centres[0] + noise * rng.standard_normal((dense, dim))]
+  rows += [centres[1 + i % 8] + 0.01 * rng.standard_normal((1, dim)) for i in range(rare)]
+  return unit(np.concatenate(rows)).astype(np.float32), centres
+
+
+@pytest.mark.parametrize("mode", ["cosine_ema", "l2"])
+def test_kmeans_init_gives_a_dense_cluster_few_codes(mode):
+  """The first update with kmeans_init sets the codebook by k-means++ on the batch: 9 clusters, 9 codes, one
+  each, however dense the first one is. Random rows (what restarting every code of a fresh codebook did) put
+  ~15 of 16 codes into the dense cluster, leaving most of the others without a code of their own."""
+  flat, centres = _dense_and_rare(np.random.default_rng(0))
+  q = quantizer(9, flat.shape[1], mode=mode, kmeans_init=True)
+  _, ids, _ = q(jnp.asarray(flat))  # the first update: counts all 0 -> k-means
+  codes = np.asarray(q.codebook[...])
+  nearest_centre = np.argmax(unit(codes) @ centres.T, axis=1)
+  assert sorted(nearest_centre) == list(range(9)), nearest_centre  # one code per cluster
+  np.testing.assert_allclose(np.asarray(q.cluster_size[...]).sum(), flat.shape[0])  # the counts of the assignment
+  # The second update moves the codebook as usual (no second k-means).
+  before = codes.copy()
+  q(jnp.asarray(flat))
+  if mode == "cosine_ema":
+    assert not np.array_equal(before, np.asarray(q.codebook[...]))
+    np.testing.assert_allclose(unit(np.asarray(q.codebook[...])), unit(before), atol=1e-3)
+  ids = np.asarray(q.quantize(jnp.asarray(flat))[1])
+  assert len(np.unique(ids[:960])) == 1  # the background: one code
+
+
+def test_restarts_go_where_the_quantisation_error_is():
+  """D^2 restarts: rows already on a code (error 0) are never drawn; the far rows are. Uniform restarts (the
+  old rule) drew from the dense cluster 15 of 16 times."""
+  flat, centres = _dense_and_rare(np.random.default_rng(1), dense=1000, rare=8, noise=0.0)
+  codes = np.concatenate([unit(flat[:1].astype(np.float64)), unit(-centres[1:4])])  # code 0 on the dense cluster
+  for seed in range(20):
+    q = quantizer(4, flat.shape[1], codes, mode="cosine_ema", decay=0.99, dead_code_threshold=0.5)
+    q.cluster_size[...] = jnp.array([1.0, 0.0, 0.0, 0.0])  # codes 1-3 are dead
+    q(jnp.asarray(flat), key=jax.random.key(seed))
+    new = np.asarray(q.codebook[...])[1:]
+    dist_to_dense = np.linalg.norm(new - unit(centres[0]), axis=1)
+    assert np.all(dist_to_dense > 0.5), (seed, dist_to_dense)  # each restarted code is on a rare row
+    assert len({tuple(np.round(r, 4)) for r in new}) == 3  # three different rows (without replacement)
+
+
+def test_kmeans_codebook_matches_lloyd_by_hand():
+  """Two obvious clusters on a line: k-means puts one code on each mean, counts their sizes."""
+  flat = jnp.asarray([[0.0], [0.1], [0.2], [5.0], [5.2]], jnp.float32)
+  codes, counts = vq.kmeans_codebook(flat, 2, jax.random.key(0))
+  order = np.argsort(np.asarray(codes)[:, 0])
+  np.testing.assert_allclose(np.asarray(codes)[order, 0], [0.1, 5.1], atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(counts)[order], [3, 2])
 
 
 # -- losses ------------------------------------------------------------------------------------------------------

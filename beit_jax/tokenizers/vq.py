@@ -26,6 +26,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from beit_jax.models import layers
@@ -50,15 +51,16 @@ def l2_normalize(x, eps: float = 1e-12):
   return x / jnp.maximum(norm, eps)
 
 
-def nearest_code(flat, codebook):
-  """Index [N] of the nearest code (L2) for each row of flat [N, D]; ties go to the lower index (as argmin).
+def _sq_dist(flat, codes):
+  """Squared L2 distances [N, K] as ||z||^2 - 2 z.e + ||e||^2, in f32 at full matmul precision: on accelerators
+  the default (bf16 passes / TF32) would misassign near-ties, and the assignment is what the tokens *are*."""
+  dots = jnp.dot(flat, codes.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.sum(jnp.square(flat), -1, keepdims=True) - 2.0 * dots + jnp.sum(jnp.square(codes), -1)
 
-  ||z||^2 - 2 z.e + ||e||^2 in f32 at full matmul precision: on accelerators the default (bf16 passes / TF32) would
-  misassign near-ties, and the assignment is what the tokens *are*.
-  """
-  dots = jnp.dot(flat, codebook.T, precision=jax.lax.Precision.HIGHEST)
-  dist = jnp.sum(jnp.square(flat), -1, keepdims=True) - 2.0 * dots + jnp.sum(jnp.square(codebook), -1)
-  return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+def nearest_code(flat, codebook):
+  """Index [N] of the nearest code (L2) for each row of flat [N, D]; ties go to the lower index (as argmin)."""
+  return jnp.argmin(_sq_dist(flat, codebook), axis=-1).astype(jnp.int32)
 
 
 def code_counts(ids, num_codes: int):
@@ -86,18 +88,72 @@ def ema_codebook(codebook, flat, ids, counts, decay: float, eps: float):
   return jnp.where(used, moved, codebook)
 
 
-def restart_dead_codes(codebook, cluster_size, flat, key, threshold: float):
-  """Codes whose EMA count is below `threshold` become random rows of `flat` (this batch's encoder outputs).
+def _spread_picks(key, weights, k: int):
+  """k row indices drawn with probability proportional to `weights` [N], without replacement where N >= k
+  (Gumbel top-k; rows of weight 0 come last), with replacement otherwise."""
+  n = weights.shape[0]
+  logits = jnp.log(jnp.maximum(weights, 0.0) + 1e-30)
+  if n < k:
+    return jax.random.categorical(key, logits, shape=(k,))
+  return jax.lax.top_k(logits + jax.random.gumbel(key, (n,)), k)[1]
 
-  A restarted code's count is set to `threshold`: it survives as long as it is used about that often, and the
-  all-zero counts of a fresh quantizer make the first update a data-dependent initialisation of every code.
-  Rows are drawn without replacement when the batch has at least K of them.
+
+def restart_dead_codes(codebook, cluster_size, flat, key, threshold: float):
+  """Codes whose EMA count is below `threshold` become encoder outputs of this batch (`flat`), drawn with
+  probability proportional to their squared distance to the nearest code (k-means++'s D^2 sampling).
+
+  Why not uniformly drawn rows: most rows of a batch lie in its densest region (on Fashion-MNIST a third of
+  the patches are black background), so uniform restarts put most new codes there, as synonyms of codes that
+  already quantise it well; D^2 sampling puts them where the quantisation error is. A restarted code's count
+  is set to 2 x `threshold`: it may sit idle for ln 2 / (1 - decay) steps (69 at decay 0.99) to attract its
+  encodings before it can be restarted again (at the threshold itself one idle step restarted it again).
   """
-  n, k = flat.shape[0], codebook.shape[0]
+  k = codebook.shape[0]
   dead = cluster_size < threshold
-  picks = jax.random.choice(key, n, (k,), replace=n < k)
-  codebook = jnp.where(dead[:, None], flat[picks].astype(codebook.dtype), codebook)
-  return codebook, jnp.where(dead, jnp.asarray(threshold, cluster_size.dtype), cluster_size)
+  err = jnp.maximum(jnp.min(_sq_dist(flat, codebook.astype(jnp.float32)), axis=1), 0.0)
+  picks = _spread_picks(key, err, k)
+  rank = jnp.clip(jnp.cumsum(dead) - 1, 0, k - 1)  # the j-th dead code takes the j-th pick
+  codebook = jnp.where(dead[:, None], flat[picks[rank]].astype(codebook.dtype), codebook)
+  return codebook, jnp.where(dead, jnp.asarray(2.0 * threshold, cluster_size.dtype), cluster_size)
+
+
+def kmeans_codebook(flat, num_codes: int, key, *, iters: int = 10, spherical: bool = False):
+  """k-means on `flat` [N, D] (greedy k-means++ seeding, then `iters` Lloyd steps): (codes [K, D], counts [K]).
+
+  `spherical`: unit-norm rows, centroids re-normalised (cosine k-means, for the "cosine_ema" codebook). The
+  data-dependent codebook initialisation BEiT v2 offers (norm_ema_quantizer.py kmeans_init, there with random
+  seeds). D^2 seeding matters where one region of the data is dense: random seeds put codes on it in
+  proportion to its mass (a third of them on Fashion-MNIST's black background), D^2 seeds in proportion to its
+  spread, and Lloyd steps do not move surplus codes out of a dense region once they are there. Greedy (as
+  scikit-learn's default): each seed is the best of 2 + ln K candidates drawn by D^2, which makes a second seed
+  in an already covered cluster rare.
+  """
+  n, dim = flat.shape
+  trials = 2 + int(np.log(num_codes))
+  keys = jax.random.split(key, num_codes)
+  first = flat[jax.random.randint(keys[0], (), 0, n)]
+  d2 = jnp.sum(jnp.square(flat - first), -1)
+
+  def seed(i, carry):
+    codes, d2 = carry
+    picks = jax.random.categorical(keys[i], jnp.log(d2 + 1e-30), shape=(trials,))
+    cand = flat[picks]  # [T, D]
+    new_d2 = jnp.minimum(d2[None], jnp.maximum(_sq_dist(cand, flat), 0.0))  # [T, N]
+    best = jnp.argmin(new_d2.sum(-1))
+    return codes.at[i].set(cand[best]), new_d2[best]
+
+  codes, _ = jax.lax.fori_loop(1, num_codes, seed, (jnp.zeros((num_codes, dim), flat.dtype).at[0].set(first), d2))
+
+  def lloyd(_, codes):
+    ids = jnp.argmin(_sq_dist(flat, codes), axis=1)
+    counts = code_counts(ids, num_codes)
+    means = jax.ops.segment_sum(flat, ids, num_segments=num_codes) / jnp.maximum(counts, 1.0)[:, None]
+    if spherical:
+      means = l2_normalize(means)
+    return jnp.where((counts > 0)[:, None], means, codes)  # an empty cluster keeps its seed
+
+  codes = jax.lax.fori_loop(0, iters, lloyd, codes)
+  return codes, code_counts(jnp.argmin(_sq_dist(flat, codes), axis=1), num_codes)
 
 
 class VectorQuantizer(nnx.Module):
@@ -111,14 +167,17 @@ class VectorQuantizer(nnx.Module):
     decay, eps: EMA decay of the codebook (cosine_ema) and of the per-code counts (both modes); eps floors the
       norms in l2-normalisation.
     dead_code_threshold: > 0 restarts codes whose EMA count (assignments per step) falls below it to encoder outputs
-      of the current batch, on each update. Needs an rng: the 'codebook' stream of `rngs` (or its default stream),
-      or a `key=` at call time.
+      of the current batch, on each update (drawn by D^2 sampling, see restart_dead_codes).
+    kmeans_init: the first update (all counts still 0) sets the codebook by k-means on that batch's encodings
+      (`kmeans_codebook`: D^2 seeding, 10 Lloyd steps) and the counts to its assignment, instead of moving it.
+    Restarts and k-means need an rng: the 'codebook' stream of `rngs` (or its default stream), or a `key=` at
+    call time.
     deterministic: False (train mode) updates the EMA state on each call.
   """
 
   def __init__(self, num_codes: int = 8192, dim: int = 32, *, mode: str = "l2", beta: Optional[float] = None,
                decay: float = 0.99, eps: float = 1e-5, dead_code_threshold: float = 0.0,
-               deterministic: bool = False, rngs: nnx.Rngs):
+               kmeans_init: bool = False, deterministic: bool = False, rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f"VectorQuantizer mode={mode!r}: must be one of {MODES}")
     if num_codes < 2 or dim < 1:
@@ -130,6 +189,7 @@ class VectorQuantizer(nnx.Module):
     self.num_codes, self.dim, self.mode = num_codes, dim, mode
     self.beta = DEFAULT_BETA[mode] if beta is None else float(beta)
     self.decay, self.eps, self.dead_code_threshold = float(decay), float(eps), float(dead_code_threshold)
+    self.kmeans_init = bool(kmeans_init)
     self.deterministic = deterministic
     axes = ("codebook", "code_dim")
     if mode == "l2":
@@ -142,7 +202,7 @@ class VectorQuantizer(nnx.Module):
       self.codebook = _ema_variable(code, axes)
     # EMA of per-step assignment counts (BEiT v2's `cluster_size` buffer, zeros at first): drives dead-code restarts.
     self.cluster_size = _ema_variable(jnp.zeros((num_codes,), jnp.float32), ("codebook",))
-    self.rngs = rngs["codebook"].fork() if dead_code_threshold > 0 else nnx.data(None)
+    self.rngs = rngs["codebook"].fork() if dead_code_threshold > 0 or kmeans_init else nnx.data(None)
 
   def set_view(self, deterministic: Optional[bool] = None):
     """For `nnx.view(model, deterministic=...)`, as nnx.Dropout."""
@@ -189,17 +249,31 @@ class VectorQuantizer(nnx.Module):
     # Under jax.jit with the batch sharded over devices, `flat`, `ids` and `counts` describe the *global* batch:
     # the counts and per-code sums are reductions over it, so XLA inserts the all-reduce that BEiT v2 calls by hand
     # (all_reduce_fn) and every device applies the same update to its replica of the codebook.
-    cluster = self.decay * self.cluster_size[...] + (1.0 - self.decay) * counts
-    codebook = self.codebook[...]
-    if self.mode == "cosine_ema":
-      codebook = ema_codebook(codebook, flat, ids, counts, self.decay, self.eps)
-    if self.dead_code_threshold > 0:
-      if key is None:
-        if self.rngs is None:
-          raise ValueError("dead-code restart needs an rng: build the quantizer with rngs or pass key=")
-        key = self.rngs()
-      codebook, cluster = restart_dead_codes(codebook, cluster, flat, key, self.dead_code_threshold)
+    if key is None and (self.dead_code_threshold > 0 or self.kmeans_init):
+      if self.rngs is None:
+        raise ValueError("dead-code restart and k-means init need an rng: build the quantizer with rngs or pass key=")
+      key = self.rngs()
+    old_codebook, old_cluster = self.codebook[...], self.cluster_size[...]
+
+    def moved():
+      cluster = self.decay * old_cluster + (1.0 - self.decay) * counts
+      codebook = old_codebook
+      if self.mode == "cosine_ema":
+        codebook = ema_codebook(codebook, flat, ids, counts, self.decay, self.eps)
+      if self.dead_code_threshold > 0:
+        codebook, cluster = restart_dead_codes(codebook, cluster, flat, jax.random.fold_in(key, 0),
+                                               self.dead_code_threshold)
+      return codebook, cluster
+
+    if self.kmeans_init:
+      def initialised():
+        codes, k_counts = kmeans_codebook(flat, self.num_codes, jax.random.fold_in(key, 1),
+                                          spherical=self.mode == "cosine_ema")
+        return codes.astype(old_codebook.dtype), k_counts
+      codebook, cluster = jax.lax.cond(jnp.sum(old_cluster) == 0, initialised, moved)
+    else:
+      codebook, cluster = moved()
     self.cluster_size[...] = cluster
-    if self.mode == "cosine_ema" or self.dead_code_threshold > 0:
-      # In "l2" mode this writes a Param outside the optimizer (restarted rows only); see `PecoTokenizer`.
+    if self.mode == "cosine_ema" or self.dead_code_threshold > 0 or self.kmeans_init:
+      # In "l2" mode this writes a Param outside the optimizer (restarted or initialised rows); see `PecoTokenizer`.
       self.codebook[...] = codebook

@@ -58,6 +58,7 @@ class PecoConfig:
   ema_decay: float = 0.99
   ema_eps: float = 1e-5
   dead_code_threshold: float = 0.0      # > 0: restart codes whose EMA count per step falls below it
+  kmeans_init: bool = False             # the first training batch's encodings set the codebook by k-means
   normalization: str = "minus_one_one"  # how [0, 1] images are mapped before the encoder (see NORMALIZATIONS)
   dtype: str = "float32"                # compute dtype
 
@@ -304,7 +305,8 @@ class PecoTokenizer(nnx.Module):
     self.quant_conv = Conv(cfg.z_channels, cfg.embed_dim, 1, dtype=dt, rngs=rngs)
     self.quantizer = vq.VectorQuantizer(cfg.vocab_size, cfg.embed_dim, mode=cfg.quantizer, beta=cfg.beta,
                                         decay=cfg.ema_decay, eps=cfg.ema_eps,
-                                        dead_code_threshold=cfg.dead_code_threshold, rngs=rngs)
+                                        dead_code_threshold=cfg.dead_code_threshold, kmeans_init=cfg.kmeans_init,
+                                        rngs=rngs)
     self.post_quant_conv = Conv(cfg.embed_dim, cfg.z_channels, 1, dtype=dt, rngs=rngs)
     self.decoder = Decoder(cfg, rngs=rngs)
 

@@ -46,13 +46,16 @@ def soft_ce_sums(logits, targets):
                     "correct": (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).sum().astype(jnp.float32)}
 
 
-def train_step(state, batch, *, graphdef, tx, lr_fn, num_classes, mix, seed, micro_steps=1, ema_decay=0.0):
+def train_step(state, batch, *, graphdef, tx, lr_fn, num_classes, mix, seed, smoothing=0.0, micro_steps=1,
+               ema_decay=0.0):
+  """One step; `mix` the mixup/cutmix arguments (None: off), `smoothing` the label smoothing (mixup or not)."""
   step = state["step"]
   key = jax.random.fold_in(jax.random.key(seed), step)  # a fresh mixup draw per step, the same after a resume
   if mix:
-    images, targets = mixup.mixup_cutmix(key, batch["image"], batch["label"], num_classes, **mix)
+    images, targets = mixup.mixup_cutmix(key, batch["image"], batch["label"], num_classes, smoothing=smoothing,
+                                         **mix)
   else:
-    images, targets = batch["image"], mixup.smooth_one_hot(batch["label"], num_classes, 0.0)
+    images, targets = batch["image"], mixup.smooth_one_hot(batch["label"], num_classes, smoothing)
 
   def loss_fn(model, b):
     return soft_ce_sums(model(b["image"]), b["targets"])
@@ -135,11 +138,11 @@ def evaluate(eval_fn, params, rest, batches) -> dict[str, float]:
   return {"top1": float(sums["top1"]) / n, "top5": float(sums["top5"]) / n, "count": n}
 
 
-def eval_batches(config, mesh, host_batch: int):
-  """The eval split as global batches (padded rows marked invalid), each example once across hosts."""
+def eval_batches(config, mesh, host_batch: int, split: str = ""):
+  """The eval split (or `split`) as global batches (padded rows marked invalid), each example once across hosts."""
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
   d = config.data
-  source = sources.get_source(d.source, config.eval_split, d.get("data_dir"))
+  source = sources.get_source(d.source, split or config.eval_split, d.get("data_dir"))
   transform = pipelines.eval_transform(image_size=d.image_size, crop_pct=d.get("crop_pct"),
                                        mean_std=pipelines.mean_std(d.mean_std))
   it = pipelines.eval_batches(source, transform, host_batch=host_batch, shard=pipelines.Shard.of_this_process())
@@ -159,7 +162,7 @@ def mixup_args(config) -> dict | None:
   if not m or (m.mixup_alpha <= 0 and m.cutmix_alpha <= 0):
     return None
   return {"mixup_alpha": m.mixup_alpha, "cutmix_alpha": m.cutmix_alpha, "switch_prob": m.switch_prob,
-          "prob": m.prob, "smoothing": config.label_smoothing}
+          "prob": m.prob}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +191,8 @@ def jit_train_step(config, mesh, state, graphdef, tx, lr_fn, num_classes: int):
   state_sh = sharding.shardings_of(state)
   return jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, num_classes=num_classes,
-                        mix=mixup_args(config), seed=config.seed, micro_steps=config.get("grad_accum", 1),
+                        mix=mixup_args(config), seed=config.seed, smoothing=float(config.label_smoothing),
+                        micro_steps=config.get("grad_accum", 1),
                         ema_decay=float(config.get("ema_decay", 0.0))),
       in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,))
@@ -223,19 +227,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
+  eval_fn = jit_eval(graphdef, state["params"], state["rest"], mesh)
+  # The learning curve: held-out top-1 every `eval_every` steps and at the end on `eval_every_split` (a subset
+  # of the eval split keeps it cheap), in TensorBoard and workdir/eval_history.jsonl.
+  curve_every, curve_split = config.get("eval_every", 0), config.get("eval_every_split") or config.eval_split
+
+  def curve_point(step, state):
+    if not (curve_every and curve_split) or (step % curve_every and step != steps):
+      return None
+    res = evaluate(eval_fn, state["params"], state["rest"], eval_batches(config, mesh, host_batch, curve_split))
+    point = {"curve_top1": res["top1"], "curve_top5": res["top5"]}
+    writer.write_scalars(step, point)
+    metrics.append_history(workdir, {"step": step, "examples": step * config.batch_size, "split": curve_split,
+                                     "top1": res["top1"], "top5": res["top5"]})
+    return point
+
   t0 = time.time()
   with jax.set_mesh(mesh):
     state, last = loop.run(
         config, state, lambda step, s: step_fn(s, next(batches)), start=start, steps=steps, ckpts=ckpts,
         writer=writer, hooks=metrics.step_hooks(config, steps, writer, str(workdir)),
-        meta=lambda s: {"step": s, "model_config": cfg.to_dict()})
+        meta=lambda s: {"step": s, "model_config": cfg.to_dict()}, after_step=curve_point)
   finished = int(jax.device_get(state["step"])) == steps
   model_dir = workdir / "model"
   if finished and not (model_dir / str(steps)).exists():  # collective under multi-host, as every orbax save
     checkpoints.save_model(model_dir, nnx.merge(graphdef, state["ema"] if ema_decay else state["params"],
                                                  state["rest"]), step=steps)
   if config.get("eval_split") and finished:
-    eval_fn = jit_eval(graphdef, state["params"], state["rest"], mesh)
     with jax.set_mesh(mesh):
       res = evaluate(eval_fn, state["params"], state["rest"], eval_batches(config, mesh, host_batch))
       last.update(eval_top1=res["top1"], eval_top5=res["top5"], eval_count=res["count"])

@@ -14,6 +14,7 @@ the features (see models/heads.py for why it is on).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import pathlib
 import time
@@ -65,16 +66,23 @@ def _features(backbone_def, backbone_state, images, blocks, use_cls, normalize):
   return jax.lax.stop_gradient(probe_features(hidden, blocks, use_cls, normalize))
 
 
-def train_step(state, batch, backbone_state, *, graphdef, backbone_def, tx, lr_fn, blocks, use_cls, normalize, micro_steps=1):
+def train_step(state, batch, backbone_state, *, graphdef, backbone_def, tx, lr_fn, blocks, use_cls, normalize,
+               micro_steps=1):
+  """One step of every probe. `batch` holds images ("image", "label": the features are computed here, of this
+  step's augmented crops) or the precomputed features of examples ("features" [B, P, F], "label", "valid")."""
   def loss_fn(probes, b):
-    logits = probes(_features(backbone_def, backbone_state, b["image"], blocks, use_cls, normalize))  # [P, B, C]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["label"][None])
-    correct = (jnp.argmax(logits, -1) == b["label"][None]).sum(axis=1).astype(jnp.float32)
-    return ce.sum(), {"count": jnp.float32(b["label"].shape[0]), "correct": correct}
+    if "features" in b:
+      feats = jnp.swapaxes(b["features"], 0, 1)  # [P, B, F]
+    else:
+      feats = _features(backbone_def, backbone_state, b["image"], blocks, use_cls, normalize)
+    logits = probes(feats)  # [P, B, C]
+    w = b["valid"].astype(jnp.float32) if "valid" in b else jnp.ones(b["label"].shape, jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["label"][None]) * w[None]
+    correct = ((jnp.argmax(logits, -1) == b["label"][None]) * w[None]).sum(axis=1)
+    return ce.sum(), {"count": w.sum(), "correct": correct}
 
   (ce_sum, sums), grads, rest = optim.summed_value_and_grad(
-      loss_fn, graphdef, state["params"], state["rest"], {"image": batch["image"], "label": batch["label"]},
-      micro_steps)
+      loss_fn, graphdef, state["params"], state["rest"], batch, micro_steps)
   n = sums["count"]
   grads = jax.tree.map(lambda g: g / n, grads)  # each probe's gradient is that of its own mean loss
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -95,6 +103,35 @@ def eval_step(params, rest, batch, backbone_state, *, graphdef, backbone_def, bl
   return {"top1": hits.sum(axis=1), "count": valid.sum()}
 
 
+def precomputed_features(config, mesh, host_batch: int, backbone_def, backbone_state, *, blocks, use_cls,
+                         normalize) -> dict[str, jax.Array]:
+  """`config.probe.features="precomputed"`: the training split's features, once per example, of the whole
+  image (the evaluation view, no augmentation), as one global batch {"features" [N, P, F], "label", "valid"}
+  sharded over the data axes (each host computes its shard; padding rows are invalid). The probes then train
+  full-batch on them: a multinomial logistic regression per block, run to convergence in a few hundred cheap
+  steps instead of epochs of backbone forwards. It holds N x P x F floats: for data sets that fit (Fashion-MNIST:
+  60,000 x 4 x 256), not ImageNet."""
+  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  d = config.data
+  source = sources.get_source(d.source, d.split, d.get("data_dir"))
+  transform = pipelines.eval_transform(image_size=d.image_size, crop_pct=d.get("crop_pct"),
+                                       mean_std=pipelines.mean_std(d.mean_std))
+  it = pipelines.eval_batches(source, transform, host_batch=host_batch, shard=pipelines.Shard.of_this_process())
+  it = ({"image": b["image"], "label": b["label"], "valid": b["valid"]} for b in it)
+  feats_fn = jax.jit(lambda state, images: jnp.swapaxes(
+      _features(backbone_def, state, images, blocks, use_cls, normalize), 0, 1))
+  local = {"features": [], "label": [], "valid": []}
+  with jax.set_mesh(mesh):
+    for batch in device.global_batches(it, mesh, sharding.BATCH_AXES):
+      # Each host keeps the rows of its own devices: its shard, in the order it read it.
+      local["features"].append(np.concatenate(
+          [np.asarray(s.data) for s in feats_fn(backbone_state, batch["image"]).addressable_shards]))
+      for k in ("label", "valid"):
+        local[k].append(np.concatenate([np.asarray(s.data) for s in batch[k].addressable_shards]))
+  host = {k: np.concatenate(v) for k, v in local.items()}
+  return device.to_global(host, sharding.batch_sharding(mesh))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
@@ -105,7 +142,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   d = config.data
   source = sources.get_source(d.source, d.split, d.get("data_dir"))
   shard = pipelines.Shard.of_this_process()
-  steps = total_steps(config, pipelines.steps_per_epoch(source, host_batch, shard.count))
+  features = config.probe.get("features", "augmented")
+  if features not in ("augmented", "precomputed"):
+    raise ValueError(f"config.probe.features={features!r}: use 'augmented' or 'precomputed'")
+  # Precomputed: a step is one full-batch pass, i.e. an epoch.
+  steps = total_steps(config, 1 if features == "precomputed" else
+                      pipelines.steps_per_epoch(source, host_batch, shard.count))
 
   backbone = load_backbone(config)
   blocks, use_cls = probe_blocks(config, backbone.config.depth), bool(config.probe.use_cls)
@@ -120,20 +162,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   state_sh, backbone_sh = sharding.shardings_of(state), sharding.shardings_of(backbone_state)
   batch_sh = sharding.batch_sharding(mesh)
-  common = dict(graphdef=graphdef, backbone_def=backbone_def, blocks=blocks, use_cls=use_cls,
-                normalize=bool(config.probe.get("normalize", True)))
+  common_features = dict(blocks=blocks, use_cls=use_cls, normalize=bool(config.probe.get("normalize", True)))
+  common = dict(graphdef=graphdef, backbone_def=backbone_def, **common_features)
   step_fn = jax.jit(functools.partial(train_step, tx=tx, lr_fn=lr_fn, micro_steps=config.get("grad_accum", 1),
                                       **common),
                     in_shardings=(state_sh, batch_sh, backbone_sh), out_shardings=(state_sh, rep),
                     donate_argnums=(0,))
-  aug = d.augment
-  transform = pipelines.finetune_transform(
-      seed=config.seed, image_size=d.image_size, scale=tuple(aug.crop_scale), rand_augment=None,
-      erase_prob=0.0, mean_std=pipelines.mean_std(d.mean_std))
-  host_batches = ({"image": b["image"], "label": b["label"]} for b in pipelines.train_batches(
-      source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard, channels=3,
-      threads=d.get("threads")))
-  batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
+  if features == "precomputed":  # every step is the same full batch of stored features
+    stored = precomputed_features(config, mesh, host_batch, backbone_def, backbone_state, **common_features)
+    batches = itertools.repeat(stored)
+  else:  # "augmented", the paper's protocol: each step's crops through the frozen backbone
+    aug = d.augment
+    transform = pipelines.finetune_transform(
+        seed=config.seed, image_size=d.image_size, scale=tuple(aug.crop_scale), rand_augment=None,
+        erase_prob=0.0, mean_std=pipelines.mean_std(d.mean_std))
+    host_batches = ({"image": b["image"], "label": b["label"]} for b in pipelines.train_batches(
+        source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard, channels=3,
+        threads=d.get("threads")))
+    batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
   t0 = time.time()

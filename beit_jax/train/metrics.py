@@ -4,7 +4,9 @@ clu's writers import TensorFlow, so they are imported here, lazily, never by mod
 """
 from __future__ import annotations
 
+import json
 import logging
+import pathlib
 from typing import Mapping
 
 import jax
@@ -90,3 +92,44 @@ def check_finite(state, last_checkpoint) -> None:
     raise FloatingPointError(
         f"non-finite loss or gradient at step {bad + 1}; training stopped and the last checkpoint (step "
         f"{last_checkpoint}) is intact. Lower config.optim.lr or enable config.optim.clip_grad")
+
+
+# A patch whose pixels are all at most this (in [0, 1]) is "background": pure black, as Fashion-MNIST's border
+# and a third of its patches. The figures built on it (codes spent on background, masked-token accuracy off
+# background) say whether tokens mean something on data with a black background; elsewhere they count black
+# patches (letterboxing, night skies) and may be empty.
+BACKGROUND_MAX = 0.02
+
+
+def background_patches(images, grid) -> jax.Array:
+  """bool [B, h * w], row-major as the token grid: the patches of `grid` whose pixels are all <= BACKGROUND_MAX
+  (images NHWC in [0, 1], any channels)."""
+  b, s, _, c = images.shape
+  h, w = grid
+  patches = images.reshape(b, h, s // h, w, s // w, c)
+  return (patches.max(axis=(2, 4, 5)) <= BACKGROUND_MAX).reshape(b, h * w)
+
+
+HISTORY = "eval_history.jsonl"
+
+
+def append_history(workdir, record: Mapping) -> None:
+  """One line of held-out figures (a learning-curve point) appended to workdir/eval_history.jsonl, on process 0.
+  A run resumed from an older checkpoint appends its steps again (with the same figures: resume is exact);
+  `read_history` keeps the last line of each step."""
+  if jax.process_index() == 0:
+    with open(pathlib.Path(workdir) / HISTORY, "a", encoding="utf-8") as f:
+      f.write(json.dumps({k: (float(v) if not isinstance(v, str) else v) for k, v in record.items()}) + "\n")
+
+
+def read_history(workdir) -> list[dict]:
+  """workdir/eval_history.jsonl as records sorted by step, one per step ([] when the run wrote none)."""
+  path = pathlib.Path(workdir) / HISTORY
+  if not path.exists():
+    return []
+  by_step = {}
+  for line in path.read_text(encoding="utf-8").splitlines():
+    if line.strip():
+      record = json.loads(line)
+      by_step[record["step"]] = record
+  return [by_step[k] for k in sorted(by_step)]

@@ -75,17 +75,36 @@ def eval_step(state, batch, tok_state, *, graphdef, tok_graphdef, num_predict, v
   """Held-out sums: correct masked predictions, masked count, and the target histograms overall and per patch
   position (for the baselines of always predicting the most frequent token, overall or at that position: on
   Fashion-MNIST the background token dominates the borders). Both baselines read the held-out histograms
-  themselves, so they are the best any constant predictor could do there: upper bounds of the trivial ones."""
+  themselves, so they are the best any constant predictor could do there: upper bounds of the trivial ones.
+  The same sums restricted to masked patches that are not background (metrics.background_patches of the
+  tokenizer view) say how much of the accuracy is more than "black stays black"."""
   tok = nnx.merge(tok_graphdef, tok_state)
   ids = tok.encode(batch["tokenizer_image"]).reshape(batch["mask"].shape[0], -1)
   model = nnx.merge(graphdef, state["params"], state["rest"])
   model.eval()
   logits, positions, weights = model.masked_logits(batch["image"], batch["mask"], num_predict)
   weights = weights * batch["valid"][:, None]
+  background = metrics.background_patches(batch["tokenizer_image"], model.config.grid)
+  fg_weights = weights * (1.0 - jnp.take_along_axis(background, positions, axis=1))
   targets = jnp.take_along_axis(ids, positions, axis=1)
-  correct = ((jnp.argmax(logits, -1) == targets) * weights).sum()
-  pos_hist = jnp.zeros((ids.shape[1], vocab_size), jnp.float32).at[positions, targets].add(weights)
-  return {"correct": correct, "count": weights.sum(), "hist": pos_hist.sum(0), "pos_hist": pos_hist}
+  hits = jnp.argmax(logits, -1) == targets
+  hist = lambda w: jnp.zeros((ids.shape[1], vocab_size), jnp.float32).at[positions, targets].add(w)
+  pos_hist, fg_pos_hist = hist(weights), hist(fg_weights)
+  return {"correct": (hits * weights).sum(), "count": weights.sum(), "hist": pos_hist.sum(0), "pos_hist": pos_hist,
+          "fg_correct": (hits * fg_weights).sum(), "fg_count": fg_weights.sum(), "fg_pos_hist": fg_pos_hist}
+
+
+def held_out_figures(sums, vocab_size: int) -> dict[str, float]:
+  """eval_step's sums over the held-out split -> masked-token accuracy against the constant baselines, overall
+  and on masked patches that are not background."""
+  count, fg = max(float(sums["count"]), 1.0), max(float(sums["fg_count"]), 1.0)
+  return {"eval_mlm_acc": float(sums["correct"]) / count,
+          "eval_most_frequent_acc": float(sums["hist"].max()) / count,
+          "eval_most_frequent_per_position_acc": float(sums["pos_hist"].max(-1).sum()) / count,
+          "eval_chance": 1.0 / vocab_size,
+          "eval_foreground_share": float(sums["fg_count"]) / count,
+          "eval_mlm_acc_foreground": float(sums["fg_correct"]) / fg,
+          "eval_most_frequent_per_position_acc_foreground": float(sums["fg_pos_hist"].max(-1).sum()) / fg}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   transform = pipelines.pretrain_transform(
       seed=config.seed, image_size=d.image_size, tokenizer_size=d.tokenizer_size,
       tokenizer_resize=d.tokenizer_resize, color_jitter=d.color_jitter,
-      mean_std=mean_std)
+      mean_std=mean_std, scale=tuple(d.crop_scale))
   keys = ("image", "tokenizer_image", "mask")
   host_batches = ({k: b[k] for k in keys} for b in pipelines.train_batches(
       source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard, masks=mask_spec,
@@ -222,10 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with jax.set_mesh(mesh):
       sums = metrics.sum_over(lambda batch: eval_fn(state, batch, tok_state),
                               device.global_batches(it, mesh, sharding.BATCH_AXES))
-    last.update(eval_mlm_acc=float(sums["correct"] / sums["count"]),
-                eval_most_frequent_acc=float(sums["hist"].max() / sums["count"]),
-                eval_most_frequent_per_position_acc=float(sums["pos_hist"].max(-1).sum() / sums["count"]),
-                eval_chance=1.0 / cfg.vocab_size)
+    last.update(held_out_figures(sums, cfg.vocab_size))
     writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
   logging.info("pre-training done in %.0f s: %s", time.time() - t0, last)
   return {"state": state, "graphdef": graphdef, "metrics": last, "model_config": cfg}

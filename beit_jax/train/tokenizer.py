@@ -102,29 +102,36 @@ def train_step(state, images, perc_state, *, tok_def, disc_def, perceptual, tx_g
 
 
 def eval_step(state, images, valid, *, tok_def):
-  """Per-batch sums for the held-out metrics: squared error, code counts (usage and perplexity)."""
+  """Per-batch sums for the held-out metrics: squared error, code counts (usage and perplexity), and the code
+  counts of background patches (metrics.background_patches): how many synonyms the codebook spends on them."""
   tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
   ids = tok.encode(images)
   recon = tok.decode(ids)
   w = valid.astype(jnp.float32)
   se = (jnp.square(images - recon).mean(axis=(1, 2, 3)) * w).sum()
-  counts = (jax.nn.one_hot(ids.reshape(ids.shape[0], -1), tok.vocab_size) * w[:, None, None]).sum((0, 1))
-  return {"se": se, "n": w.sum(), "counts": counts}
+  onehot = jax.nn.one_hot(ids.reshape(ids.shape[0], -1), tok.vocab_size) * w[:, None, None]  # [B, N, K]
+  background = metrics.background_patches(images, ids.shape[1:]).astype(jnp.float32)
+  return {"se": se, "n": w.sum(), "counts": onehot.sum((0, 1)),
+          "background_counts": (onehot * background[..., None]).sum((0, 1))}
 
 
 def evaluate(eval_fn, state, batches) -> tuple[dict[str, float], Any]:
-  """Held-out PSNR, codebook usage and perplexity, and the first batch's images (for the image summary)."""
-  se = n = 0.0
-  counts = first = None
+  """Held-out PSNR, codebook usage and perplexity, the codes of background patches (how many distinct, the
+  share of the most frequent, the share of background among all patches), and the first batch's images (for
+  the image summary)."""
+  sums, first = None, None
   for batch in batches:
     first = batch["image"] if first is None else first
     out = jax.device_get(eval_fn(state, batch["image"], batch["valid"]))
-    se, n = se + float(out["se"]), n + float(out["n"])
-    counts = out["counts"] if counts is None else counts + out["counts"]
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  counts, bg = sums["counts"], sums["background_counts"]
   p = counts / max(counts.sum(), 1.0)
   entropy = -float(np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)))
-  return {"eval_psnr": float(-10 * np.log10(max(se / max(n, 1.0), 1e-10))),
-          "eval_usage": float(np.mean(counts > 0)), "eval_perplexity": float(np.exp(entropy))}, first
+  return {"eval_psnr": float(-10 * np.log10(max(sums["se"] / max(sums["n"], 1.0), 1e-10))),
+          "eval_usage": float(np.mean(counts > 0)), "eval_perplexity": float(np.exp(entropy)),
+          "eval_background_codes": float(np.sum(bg > 0)),
+          "eval_background_top_share": float(bg.max() / max(bg.sum(), 1.0)),
+          "eval_background_patches": float(bg.sum() / max(counts.sum(), 1.0))}, first
 
 
 # ---------------------------------------------------------------------------------------------------------------
