@@ -9,15 +9,21 @@ one):
   3. a PeCo tokenizer: pixel loss + perceptual loss on the deep features of model 2, a self-supervised
      transformer (what PeCo uses; our model 2 stands in for its MoCo v3 / BEiT network)
   4. BEiT pre-training on the PeCo ids                  configs/fmnist_pretrain.py
-  5. fine-tuning (configs/fmnist_finetune.py) of three arms on labelled fractions of the training set, over
+  5. fine-tuning (configs/fmnist_finetune.py) of four arms on labelled fractions of the training set, over
      seeds (seed s takes the s-th contiguous slice as its labelled subset, and its own init and data order):
-       supervised  from scratch, compute-matched: the fine-tuning steps plus as many steps of the same batch
+       scratch     the same ViT from random init, the same fine-tuning steps: what pre-training adds at an
+                   equal fine-tuning budget
+       supervised  from random init, compute-matched: the fine-tuning steps plus as many steps of the same batch
                    as the pre-training saw images (pre-training steps x its batch / the fine-tuning batch)
        beit        from model 2;   peco   from model 4
+     The arms from random init start their head at the normal init scale (the 0.001 of BEiT's recipe protects a
+     pre-trained trunk; from scratch it only delays learning) and learn at the full rate in every layer.
   6. floors that need no pre-training: the linear probe of a randomly initialised model and a logistic
-     regression on raw pixels; and the linear probes (best block) of models 2 and 4.
-Prints a markdown table (mean +- standard deviation over seeds) and writes it, with every figure, to
-workdir/results.json.
+     regression on raw pixels; and the linear probes (best block) of models 2 and 4, each a logistic regression
+     per block on the frozen features of every training image, run to convergence (full-batch).
+Prints a markdown table (mean +- standard deviation over seeds) and the checks the miniature must pass, and
+writes them, with every figure, to workdir/results.json and workdir/table.md; the pictures (learning curves
+against training images seen, masked-token predictions decoded to pixels) go to workdir/figures/.
 
   python -m beit_jax.demo --workdir=/tmp/beit_demo [--scale=demo|full]
 """
@@ -46,17 +52,20 @@ class Scale:
   pretrain_steps: int
   finetune_steps: dict[float, int]  # labelled fraction -> fine-tuning steps
   seeds: tuple[int, ...]
-  probe_steps: int
+  probe_steps: int  # full-batch steps of each linear probe
+  matched: tuple[float, ...]  # the fractions that get the compute-matched supervised arm
+  curve_points: int = 6  # learning-curve evaluations per fine-tuning run of seed 0 (on CURVE_SPLIT)
 
 
 SCALES = {
-    # ~20 minutes on a 2-core CPU by the full run's stage times (not yet timed end to end): every arm once,
-    # on all labels.
-    "demo": Scale(tokenizer_steps=120, pretrain_steps=120, finetune_steps={1.0: 120}, seeds=(0,), probe_steps=50),
-    # The recorded table (BENCHMARKS.md): 1%, 10% and all labels, 3 seeds.
-    "full": Scale(tokenizer_steps=300, pretrain_steps=300, finetune_steps={0.01: 100, 0.1: 150, 1.0: 250},
-                  seeds=(0, 1, 2), probe_steps=100),
+    # `make demo`: the checks 1-4 of the full run at 1% and 10% labels, one seed, no compute-matched arm.
+    "demo": Scale(tokenizer_steps=200, pretrain_steps=400, finetune_steps={0.01: 100, 0.1: 150}, seeds=(0,),
+                  probe_steps=300, matched=()),
+    # The recorded table (BENCHMARKS.md): 1%, 10% and all labels, 3 seeds, every arm.
+    "full": Scale(tokenizer_steps=300, pretrain_steps=500, finetune_steps={0.01: 100, 0.1: 200, 1.0: 500},
+                  seeds=(0, 1, 2), probe_steps=300, matched=(0.01, 0.1, 1.0)),
 }
+CURVE_SPLIT = "test[:2000]"  # the learning curves' held-out subset (the table's figures use all 10,000)
 
 
 def config_file(name: str, arg: str = ""):
@@ -70,9 +79,11 @@ def config_file(name: str, arg: str = ""):
 def with_steps(config, steps: int):
   config.total_steps = steps
   config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
-  for key in ("ckpt_every", "eval_every", "log_every"):
+  for key in ("ckpt_every", "log_every"):
     if key in config:
       config[key] = min(config[key], steps)
+  if config.get("eval_every"):
+    config.eval_every = min(config.eval_every, steps)
   return config
 
 
@@ -99,10 +110,12 @@ class Chain:
   def log(self, msg: str) -> None:
     print(f"[demo {time.time() - self.t0:5.0f} s] {msg}", flush=True)
 
-  def stage(self, name: str, config) -> dict[str, float]:
-    """The metrics of the run `name` (config), run now unless an earlier run of the chain recorded them."""
+  def stage(self, name: str, config) -> dict[str, Any]:
+    """The metrics of the run `name` (config), run now unless an earlier run of the chain recorded them; with
+    the run's learning curve ("curve": [(examples seen, held-out top-1), ...]) where it wrote one."""
     if name in self.results:
       return self.results[name]
+    from beit_jax.train import metrics as train_metrics  # pylint: disable=import-outside-toplevel
     t = time.time()
     out = modes.run(config, str(self.work / name))
     done = int(np.asarray(out["state"]["step"]))
@@ -111,10 +124,13 @@ class Chain:
       raise SystemExit(1)
     metrics = {k: float(v) for k, v in out["metrics"].items() if np.isscalar(v)}
     metrics["seconds"] = time.time() - t
+    history = train_metrics.read_history(self.work / name)
+    if history:
+      metrics["curve"] = [(h["examples"], h["top1"]) for h in history]
     self._record(name, metrics)
     return metrics
 
-  def _record(self, name: str, metrics: dict[str, float]) -> None:
+  def _record(self, name: str, metrics: dict[str, Any]) -> None:
     self.results[name] = metrics
     self.work.mkdir(parents=True, exist_ok=True)
     (self.work / "results.json").write_text(json.dumps(self.results, indent=1, sort_keys=True))
@@ -124,28 +140,34 @@ class Chain:
     tok = config_file("fmnist_tokenizer", f"checkpoint:{perceptual_from}" if perceptual_from else "pixel")
     m = self.stage(f"{arm}_tokenizer", with_steps(tok, self.scale.tokenizer_steps))
     self.log(f"{arm} tokenizer: held-out PSNR {m['eval_psnr']:.2f} dB, codebook usage {100 * m['eval_usage']:.1f}%, "
-             f"perplexity {m['eval_perplexity']:.0f}")
+             f"perplexity {m['eval_perplexity']:.0f}; background patches ({100 * m['eval_background_patches']:.0f}% "
+             f"of all) get {m['eval_background_codes']:.0f} codes, the most frequent "
+             f"{100 * m['eval_background_top_share']:.0f}% of them")
     pre = config_file("fmnist_pretrain", str(self.work / f"{arm}_tokenizer" / "tokenizer"))
     m = self.stage(f"{arm}_pretrain", with_steps(pre, self.scale.pretrain_steps))
     self.log(f"{arm} pre-training: held-out masked-token accuracy {100 * m['eval_mlm_acc']:.1f}% vs "
-             f"{100 * m['eval_most_frequent_acc']:.1f}% most frequent token, "
              f"{100 * m['eval_most_frequent_per_position_acc']:.1f}% most frequent per position, "
-             f"{100 * m['eval_chance']:.2f}% chance")
+             f"{100 * m['eval_most_frequent_acc']:.1f}% most frequent token, {100 * m['eval_chance']:.2f}% chance; "
+             f"off background {100 * m['eval_mlm_acc_foreground']:.1f}% vs "
+             f"{100 * m['eval_most_frequent_per_position_acc_foreground']:.1f}%")
     return str(self.work / f"{arm}_pretrain" / "model")
 
-  def finetune(self, arm: str, init: str, fraction: float, seed: int, extra_steps: int = 0) -> dict[str, float]:
+  def finetune(self, arm: str, init: str, fraction: float, seed: int, extra_steps: int = 0) -> dict[str, Any]:
     c = config_file("fmnist_finetune", init)
     c.seed = seed
     c.data.split = labelled_split(fraction, seed)
-    if not init:
-      c.optim.layer_decay = 1.0  # nothing pre-trained to protect: every layer learns at the full rate
+    if not init:  # nothing pre-trained to protect: every layer at the full rate, the head at its normal init
+      c.optim.layer_decay = 1.0
+      c.model.overrides = {**dict(c.model.overrides), "head_init_scale": 1.0}
     c = with_steps(c, self.scale.finetune_steps[fraction] + extra_steps)
+    if seed == self.scale.seeds[0]:  # the learning curve of the figure
+      c.eval_every, c.eval_every_split = max(1, c.total_steps // self.scale.curve_points), CURVE_SPLIT
     m = self.stage(f"{arm}_finetune_{fraction:g}_seed{seed}", c)
     self.log(f"{arm} fine-tuned on {c.data.split} (seed {seed}, {c.total_steps} steps): held-out top-1 "
              f"{100 * m['eval_top1']:.1f}%")
     return m
 
-  def probe(self, arm: str, init: str, seed: int) -> dict[str, float]:
+  def probe(self, arm: str, init: str, seed: int) -> dict[str, Any]:
     c = config_file("fmnist_linear_probe", init)
     c.seed = seed
     m = self.stage(f"{arm}_probe_seed{seed}", with_steps(c, self.scale.probe_steps))
@@ -153,7 +175,7 @@ class Chain:
              f"{100 * m['eval_top1']:.1f}%")
     return m
 
-  def pixel_floor(self, fraction: float, seed: int) -> dict[str, float]:
+  def pixel_floor(self, fraction: float, seed: int) -> dict[str, Any]:
     name = f"pixels_logreg_{fraction:g}_seed{seed}"
     if name not in self.results:
       t = time.time()
@@ -202,8 +224,8 @@ def mean_std(values) -> str:
 
 
 # The arms: table label -> the short name in stage names ("{short}_finetune_{fraction}_seed{seed}", ...).
-FINETUNE_ARMS = {"supervised (compute-matched)": "supervised", "BEiT, pixel-VQ tokens": "beit",
-                 "PeCo, perceptual tokens": "peco"}
+FINETUNE_ARMS = {"supervised (compute-matched)": "supervised", "from scratch, same fine-tuning steps": "scratch",
+                 "BEiT, pixel-VQ tokens": "beit", "PeCo, perceptual tokens": "peco"}
 PROBE_ARMS = {"random init": "random", "BEiT, pixel-VQ tokens": "beit", "PeCo, perceptual tokens": "peco"}
 PIXELS = "logistic regression on pixels"
 
@@ -219,12 +241,11 @@ def run(workdir: str, scale_name: str) -> dict[str, Any]:
   models = {"random": ""}
   models["beit"] = chain.pretrain("beit", perceptual_from=None)
   models["peco"] = chain.pretrain("peco", perceptual_from=models["beit"])
-  pre_batch = config_file("fmnist_pretrain").batch_size
-  ft_batch = config_file("fmnist_finetune").batch_size
-  matched = scale.pretrain_steps * pre_batch // ft_batch  # the images pre-training saw, in fine-tuning steps
   for fraction in scale.finetune_steps:
     for short in FINETUNE_ARMS.values():
-      init, extra = ("", matched) if short == "supervised" else (models[short], 0)
+      if short == "supervised" and fraction not in scale.matched:
+        continue
+      init, extra = ("", matched_steps(scale)) if short == "supervised" else (models.get(short, ""), 0)
       for seed in scale.seeds:
         chain.finetune(short, init, fraction, seed, extra)
     for seed in scale.seeds:
@@ -233,41 +254,191 @@ def run(workdir: str, scale_name: str) -> dict[str, Any]:
     for seed in scale.seeds:
       chain.probe(short, models[short], seed)
   text = table(chain.results, scale_name)
+  figures_written = draw_figures(workdir, chain.results, scale, models)
+  checks = check(chain.results, scale)
+  text += "\n\n" + "\n".join(f"- {'PASS' if c['passed'] else 'FAIL'} {c['text']}" for c in checks.values())
+  text += "\n\nFigures: " + ", ".join(str(f) for f in figures_written)
   (pathlib.Path(workdir) / "table.md").write_text(text + "\n")
+  chain._record("checks", checks)  # pylint: disable=protected-access
   print(text, flush=True)
-  chain.log("done")
+  chain.log(f"done: results in {pathlib.Path(workdir) / 'results.json'}, table in {pathlib.Path(workdir) / 'table.md'}")
   return chain.results
 
 
-def table(results: dict[str, dict[str, float]], scale_name: str) -> str:
+def matched_steps(scale: Scale) -> int:
+  """The pre-training's images in fine-tuning steps: what the compute-matched supervised arm gets on top."""
+  return scale.pretrain_steps * config_file("fmnist_pretrain").batch_size // config_file("fmnist_finetune").batch_size
+
+
+def _cell(results, names) -> str:
+  values = [results[n]["eval_top1"] for n in names if n in results]
+  text = mean_std(values) if values else "-"
+  return text if len(values) in (0, len(names)) else f"{text} ({len(values)} of {len(names)} seeds)"
+
+
+def table(results: dict[str, dict[str, Any]], scale_name: str) -> str:
   """The markdown tables of a chain's recorded results (workdir/results.json); runs not (yet) recorded show
   as "-", so a partial chain renders too."""
   scale = SCALES[scale_name]
   fractions = list(scale.finetune_steps)
-
-  def cell(names):
-    values = [results[n]["eval_top1"] for n in names if n in results]
-    text = mean_std(values) if values else "-"
-    return text if len(values) in (0, len(names)) else f"{text} ({len(values)} of {len(names)} seeds)"
-
-  rows = {label: [cell([f"{short}_finetune_{f:g}_seed{s}" for s in scale.seeds]) for f in fractions]
-          for label, short in FINETUNE_ARMS.items()}
-  rows[PIXELS] = [cell([f"pixels_logreg_{f:g}_seed{s}" for s in scale.seeds]) for f in fractions]
+  rows = {label: [_cell(results, [f"{short}_finetune_{f:g}_seed{s}" for s in scale.seeds])
+                  if short != "supervised" or f in scale.matched else "" for f in fractions]
+          for label, short in FINETUNE_ARMS.items() if short != "supervised" or scale.matched}
+  rows[PIXELS] = [_cell(results, [f"pixels_logreg_{f:g}_seed{s}" for s in scale.seeds]) for f in fractions]
   rows["random init"] = [""] * len(fractions)
-  probes = {label: cell([f"{short}_probe_seed{s}" for s in scale.seeds]) for label, short in PROBE_ARMS.items()}
+  probes = {label: _cell(results, [f"{short}_probe_seed{s}" for s in scale.seeds])
+            for label, short in PROBE_ARMS.items()}
+  steps = ", ".join(f"{f:.0%}: {n}" for f, n in scale.finetune_steps.items())
   lines = [f"Fashion-MNIST held-out top-1 (%), {len(scale.seeds)} seed(s), mean ± std over seeds; scale "
-           f"{scale_name}", "",
+           f"{scale_name}; fine-tuning steps of {config_file('fmnist_finetune').batch_size} ({steps}), "
+           f"compute-matched: + {matched_steps(scale)}", "",
            "| arm | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " | linear probe (all labels) |",
            "|---|" + "---|" * (len(fractions) + 1)]
   lines += [f"| {label} | " + " | ".join(cells) + f" | {probes.get(label, '')} |" for label, cells in rows.items()]
-  lines += ["", "| pre-training | masked-token acc. | most frequent token | most frequent per position | chance |",
-            "|---|---|---|---|---|"]
+  lines += ["", "| pre-training | masked-token acc. | most frequent per position | most frequent token | chance "
+            "| acc. off background | most frequent per position off background |", "|---|---|---|---|---|---|---|"]
   for short in ("beit", "peco"):
     m = results.get(f"{short}_pretrain")
     if m:
-      lines.append(f"| {short} | {100 * m['eval_mlm_acc']:.2f} | {100 * m['eval_most_frequent_acc']:.2f} | "
-                   f"{100 * m['eval_most_frequent_per_position_acc']:.2f} | {100 * m['eval_chance']:.2f} |")
+      lines.append(f"| {short} | {100 * m['eval_mlm_acc']:.2f} | {100 * m['eval_most_frequent_per_position_acc']:.2f} "
+                   f"| {100 * m['eval_most_frequent_acc']:.2f} | {100 * m['eval_chance']:.2f} "
+                   f"| {100 * m.get('eval_mlm_acc_foreground', float('nan')):.2f} "
+                   f"| {100 * m.get('eval_most_frequent_per_position_acc_foreground', float('nan')):.2f} |")
+  lines += ["", "| tokenizer | PSNR (dB) | codebook usage | perplexity | codes on background patches | "
+            "share of the most frequent |", "|---|---|---|---|---|---|"]
+  for short in ("beit", "peco"):
+    m = results.get(f"{short}_tokenizer")
+    if m and "eval_background_codes" in m:
+      lines.append(f"| {short} | {m['eval_psnr']:.2f} | {100 * m['eval_usage']:.1f}% | {m['eval_perplexity']:.0f} "
+                   f"| {m['eval_background_codes']:.0f} | {100 * m['eval_background_top_share']:.1f}% |")
   return "\n".join(lines)
+
+
+def _seed_values(results, pattern: str, seeds) -> np.ndarray | None:
+  values = [results[pattern.format(seed=s)]["eval_top1"] for s in seeds if pattern.format(seed=s) in results]
+  return np.asarray(values) if len(values) == len(seeds) else None
+
+
+def check(results: dict[str, dict[str, Any]], scale: Scale) -> dict[str, dict[str, Any]]:
+  """What the miniature must show (issue 19), on what the chain recorded: name -> {"passed", "text"}.
+    mim       masked-token accuracy >= 2x the most frequent token per position, both tokenizers
+    pays      BEiT and PeCo fine-tuned >= 5 points above the same ViT from scratch with the same fine-tuning
+              steps, at 1% and 10% labels, beyond the seed spread (the gap minus one std of each)
+    probe     each pre-trained model's best linear probe >= 10 points above the random-init probe
+    classifier  (with all labels) the best ViT arm >= the logistic regression on pixels
+    papers    BEiT >= 3 points above the compute-matched supervised arm at 1% labels; PeCo above BEiT beyond
+              the spread at every fraction (reported; the papers' claims, not a bar the code must clear)
+  """
+  seeds, out = scale.seeds, {}
+  mim = {a: results.get(f"{a}_pretrain") for a in ("beit", "peco")}
+  if all(mim.values()):
+    ratios = {a: m["eval_mlm_acc"] / max(m["eval_most_frequent_per_position_acc"], 1e-9) for a, m in mim.items()}
+    out["mim"] = {"passed": all(r >= 2.0 for r in ratios.values()),
+                  "text": "masked-token accuracy >= 2x the most frequent token per position: "
+                          + ", ".join(f"{a} {r:.2f}x" for a, r in ratios.items())}
+  gaps, ok = [], True
+  for f in (x for x in (0.01, 0.1) if x in scale.finetune_steps):
+    base = _seed_values(results, f"scratch_finetune_{f:g}_seed{{seed}}", seeds)
+    for arm in ("beit", "peco"):
+      ours = _seed_values(results, f"{arm}_finetune_{f:g}_seed{{seed}}", seeds)
+      if base is None or ours is None:
+        ok = False
+        continue
+      gap, spread = 100 * (ours.mean() - base.mean()), 100 * (ours.std() + base.std())
+      ok &= gap >= 5 and gap - spread > 0
+      gaps.append(f"{arm} {f:.0%} {gap:+.1f}")
+  if gaps:
+    out["pays"] = {"passed": bool(ok), "text": "fine-tuned >= 5 points above from scratch at the same steps "
+                                               "(beyond the spread): " + ", ".join(gaps)}
+  rand = _seed_values(results, "random_probe_seed{seed}", seeds)
+  probes = {a: _seed_values(results, f"{a}_probe_seed{{seed}}", seeds) for a in ("beit", "peco")}
+  if rand is not None and all(v is not None for v in probes.values()):
+    diffs = {a: 100 * (v.mean() - rand.mean()) for a, v in probes.items()}
+    out["probe"] = {"passed": all(d >= 10 for d in diffs.values()),
+                    "text": "linear probe >= 10 points above the random-init probe: "
+                            + ", ".join(f"{a} {d:+.1f}" for a, d in diffs.items())}
+  if 1.0 in scale.finetune_steps:
+    pixels = _seed_values(results, "pixels_logreg_1_seed{seed}", seeds)
+    arms = {a: _seed_values(results, f"{a}_finetune_1_seed{{seed}}", seeds) for a in FINETUNE_ARMS.values()}
+    arms = {a: v.mean() for a, v in arms.items() if v is not None}
+    if pixels is not None and arms:
+      best = max(arms, key=arms.get)
+      out["classifier"] = {"passed": bool(arms[best] >= pixels.mean()),
+                           "text": f"best ViT arm on all labels ({best}, {100 * arms[best]:.1f}%) >= logistic "
+                                   f"regression on pixels ({100 * pixels.mean():.1f}%)"}
+  if 0.01 in scale.matched:
+    beit = _seed_values(results, "beit_finetune_0.01_seed{seed}", seeds)
+    sup = _seed_values(results, "supervised_finetune_0.01_seed{seed}", seeds)
+    if beit is not None and sup is not None:
+      gap = 100 * (beit.mean() - sup.mean())
+      out["papers_beit"] = {"passed": bool(gap >= 3), "text": f"(papers' claim) BEiT vs the compute-matched "
+                                                              f"supervised arm at 1% labels: {gap:+.1f} points"}
+  wins = []
+  for f in scale.finetune_steps:
+    beit = _seed_values(results, f"beit_finetune_{f:g}_seed{{seed}}", seeds)
+    peco = _seed_values(results, f"peco_finetune_{f:g}_seed{{seed}}", seeds)
+    if beit is not None and peco is not None:
+      gap, spread = 100 * (peco.mean() - beit.mean()), 100 * (peco.std() + beit.std())
+      wins.append((f, gap, gap > spread))
+  if wins:
+    out["papers_peco"] = {"passed": all(w for _, _, w in wins),
+                          "text": "(papers' claim) PeCo above BEiT beyond the spread: "
+                                  + ", ".join(f"{f:.0%} {g:+.1f}" for f, g, _ in wins)}
+  return out
+
+
+def draw_figures(workdir: str, results: dict[str, dict[str, Any]], scale: Scale, models: dict[str, str]) -> list:
+  """workdir/figures/curves.png (held-out top-1 of every arm against the training images it has seen, seed 0,
+  pre-training included for the pre-trained arms) and masked_predictions.png (held-out images, masked as in
+  pre-training, the predicted tokens decoded by each arm's tokenizer). Returns the paths written."""
+  from beit_jax import figures  # pylint: disable=import-outside-toplevel
+  seed = scale.seeds[0]
+  pre_images = scale.pretrain_steps * config_file("fmnist_pretrain").batch_size
+  panels, floors = {}, {}
+  for f in scale.finetune_steps:
+    arms = {}
+    for label, short in FINETUNE_ARMS.items():
+      m = results.get(f"{short}_finetune_{f:g}_seed{seed}", {})
+      offset = pre_images if short in ("beit", "peco") else 0
+      arms[label] = [(offset + x, y) for x, y in m.get("curve", [])]
+    name = f"{f:.0%} labels ({labelled_split(f, seed)})"
+    panels[name] = arms
+    if f"pixels_logreg_{f:g}_seed{seed}" in results:
+      floors[name] = results[f"pixels_logreg_{f:g}_seed{seed}"]["eval_top1"]
+  written = [figures.save_path(workdir, "curves.png")]
+  figures.draw_curves(written[0], panels, floors=floors, pretrain_images=pre_images,
+                      ylabel=f"held-out top-1 on {CURVE_SPLIT} (%)")
+  written.append(figures.save_path(workdir, "masked_predictions.png"))
+  draw_masked_predictions(written[-1], workdir, {"BEiT": "beit", "PeCo": "peco"})
+  return written
+
+
+def draw_masked_predictions(path, workdir: str, arms: dict[str, str], num_images: int = 10) -> None:
+  """The first held-out images, each with the mask pre-training's evaluation gives it, through each arm's
+  pre-trained model and tokenizer (figures.masked_predictions)."""
+  from beit_jax import figures, tokenizers  # pylint: disable=import-outside-toplevel
+  from beit_jax.data import pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
+  cfg = config_file("fmnist_pretrain")
+  d = cfg.data
+  batch = next(pipelines.eval_batches(
+      sources.get_source(d.source, f"{cfg.eval_split}[:{num_images}]" if "[" not in cfg.eval_split
+                         else cfg.eval_split, d.get("data_dir")),
+      pipelines.mim_eval_transform(image_size=d.image_size, tokenizer_size=d.tokenizer_size,
+                                   tokenizer_resize=d.tokenizer_resize, mean_std=pipelines.mean_std(d.mean_std)),
+      host_batch=num_images))
+  outs, mask = {}, None
+  for label, short in arms.items():
+    work = pathlib.Path(workdir)
+    model = checkpoints.load_model(work / f"{short}_pretrain" / "model")
+    model.eval()
+    tok = tokenizers.load("peco", checkpoint=work / f"{short}_tokenizer" / "tokenizer")
+    spec = pipelines.MaskSpec(grid=model.config.grid, **dict(d.mask))
+    mask = spec.make(cfg.seed + 1, batch["index"], 0)  # the masks of pre-training's held-out evaluation
+    outs[label] = figures.masked_predictions(model, tok, batch["image"], batch["tokenizer_image"], mask)
+  figures.draw_masked_predictions(path, outs, batch["tokenizer_image"], mask,
+                                  title="held-out images: the masked patches' tokens as each pre-trained BEiT "
+                                        "predicts them, decoded by its tokenizer")
 
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/beit_demo", "where the runs go")
@@ -280,7 +451,10 @@ _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "print the table of what th
 def main(argv):
   del argv
   if _TABLE_ONLY.value:
-    print(table(json.loads((pathlib.Path(_WORKDIR.value) / "results.json").read_text()), _SCALE.value))
+    results = json.loads((pathlib.Path(_WORKDIR.value) / "results.json").read_text())
+    print(table(results, _SCALE.value))
+    for c in check(results, SCALES[_SCALE.value]).values():
+      print(f"- {'PASS' if c['passed'] else 'FAIL'} {c['text']}")
   else:
     run(_WORKDIR.value, _SCALE.value)
 

@@ -18,6 +18,12 @@ The steps (synthetic batches of the real shapes, so that no TensorFlow or data s
              backbone, multi-scale adapter, UPerHead + auxiliary FCN head with BatchNorm, pixel cross-entropy
              ignoring 255, AdamW with layer decay 0.65, drop path 0.1). Peer: HF transformers'
              `BeitForSemanticSegmentation` (unilm's released model ported; loss computed inside), AdamW.
+  miniature  The Fashion-MNIST miniature's pre-training step (`make demo`): configs/fmnist_pretrain.py's model
+             (beit_fmnist: 28 px, 4 px patches, width 128, 4 blocks, absolute position embedding) on the ids of
+             its tokenizer (peco_fmnist_small: a small VQGAN encoder + 128-code cosine codebook) encoded inside the
+             step, batch 128 as the config. Peer: taming-transformers' Encoder of the same shape (its mid-block
+             attention removed, as ours has none) + quant_conv + the nearest normalised code, timm's Beit of the
+             same shape in the same layout with unilm's mask token and LM head on the masked positions, AdamW.
   tokenizer  PeCo tokenizer training before the GAN phase. Ours: `beit_jax.train.tokenizer.train_step` (VQGAN
              f16 at 224 px, 8192 codes, L1 + perceptual loss on blocks 3/6/9/12 of a frozen BEiT-B + codebook
              loss, Adam). Peer: taming-transformers' Encoder/Decoder/VectorQuantizer (the VQGAN PeCo builds on)
@@ -52,11 +58,11 @@ import sys
 import tempfile
 import time
 
-STEPS = ("pretrain", "finetune", "tokenizer", "segmentation")
+STEPS = ("pretrain", "finetune", "tokenizer", "segmentation", "miniature")
 # Per-device batches: what fills an 80 GB H100 in bf16 without remat, and what a 2-core CPU runs in seconds
 # (segmentation: 2, the fewest BatchNorm in training mode accepts for the 1x1 pyramid-pooling branch in torch).
-DEFAULT_BATCH = {"gpu": {"pretrain": 256, "finetune": 256, "tokenizer": 32, "segmentation": 16},
-                 "cpu": {"pretrain": 8, "finetune": 8, "tokenizer": 2, "segmentation": 2}}
+DEFAULT_BATCH = {"gpu": {"pretrain": 256, "finetune": 256, "tokenizer": 32, "segmentation": 16, "miniature": 1024},
+                 "cpu": {"pretrain": 8, "finetune": 8, "tokenizer": 2, "segmentation": 2, "miniature": 128}}
 _SEG_CLASSES, _SEG_SIZE = 150, 512
 _NUM_CLASSES = 1000
 
@@ -232,6 +238,46 @@ def _jax_pretrain(args, batch, mesh):
   return step_fn, state, (jax.device_put(host, sharding.batch_sharding(mesh)), tok_state)
 
 
+def _miniature_config(batch: int):
+  """configs/fmnist_pretrain.py with `batch`, and its tokenizer's PecoConfig (RGB, as the pipeline feeds it)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from beit_jax.tokenizers import vqgan  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "fmnist_pretrain.py")
+  spec = importlib.util.spec_from_file_location("fmnist_pretrain", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.batch_size = batch
+  return config, vqgan.get_config("peco_fmnist_small", channels=3)
+
+
+def _jax_miniature(args, batch, mesh):
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from beit_jax.data import masking  # pylint: disable=import-outside-toplevel  (numpy only)
+  from beit_jax.tokenizers import vqgan  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import pretrain, sharding  # pylint: disable=import-outside-toplevel
+
+  config, tcfg = _miniature_config(batch)
+  config.model.overrides = {**dict(config.model.overrides), "dtype": args.dtype}
+  tok = vqgan.PecoTokenizer(tcfg.replace(dtype=args.dtype), rngs=nnx.Rngs(0))
+  tok.eval()
+  cfg = pretrain.model_config(config, tok.vocab_size)
+  graphdef, state, tx, lr_fn = pretrain.create_state(config, cfg, mesh, 100_000)
+  tok_graphdef, tok_state = nnx.split(tok)
+  tok_state = jax.device_put(tok_state, sharding.replicated(mesh))
+  d = config.data
+  masks = masking.blockwise_masks(0, np.arange(batch), cfg.grid, d.mask.num_masked, d.mask.min_block,
+                                  d.mask.min_aspect)
+  rng = np.random.default_rng(0)
+  host = {"image": rng.standard_normal((batch, d.image_size, d.image_size, 3), np.float32),
+          "tokenizer_image": rng.uniform(size=(batch, d.tokenizer_size, d.tokenizer_size, 3)).astype(np.float32),
+          "mask": masks}
+  step_fn = pretrain.jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, d.mask.num_masked)
+  return step_fn, state, (jax.device_put(host, sharding.batch_sharding(mesh)), tok_state)
+
+
 def _jax_finetune(args, batch, mesh):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -309,7 +355,7 @@ def run_jax(args, step_name: str) -> dict:
   batch = batch_of(args, step_name)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices())
   build = {"pretrain": _jax_pretrain, "finetune": _jax_finetune, "tokenizer": _jax_tokenizer,
-           "segmentation": _jax_segmentation}[step_name]
+           "segmentation": _jax_segmentation, "miniature": _jax_miniature}[step_name]
   step_fn, state, inputs = build(args, batch, mesh)
 
   t0 = time.perf_counter()
@@ -343,15 +389,15 @@ def run_jax(args, step_name: str) -> dict:
 
 
 # -- the PyTorch peers ----------------------------------------------------------------------------------------
-def _torch_mim(torch, timm, name: str, vocab: int):
-  """unilm's VisionTransformerForMaskedImageModeling (beit/modeling_pretrain.py) over timm's BEiT modules: the
-  mask token replaces masked patch embeddings, one relative position bias shared by all blocks, and the LM head
-  runs on the masked positions only."""
+def _torch_mim(torch, beit, vocab: int):
+  """unilm's VisionTransformerForMaskedImageModeling (beit/modeling_pretrain.py) over a timm `Beit`: the mask
+  token replaces masked patch embeddings before [CLS] and the position embedding (where there is one) are added,
+  the relative position bias shared by all blocks (where there is one), and the LM head runs on the masked
+  positions only."""
   class Mim(torch.nn.Module):
     def __init__(self):
       super().__init__()
-      self.beit = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=0.1,
-                                    use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+      self.beit = beit
       d = self.beit.embed_dim
       self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, d))
       torch.nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -363,8 +409,11 @@ def _torch_mim(torch, timm, name: str, vocab: int):
       x = b.patch_embed(x)
       w = mask.unsqueeze(-1).type_as(x)
       x = x * (1 - w) + self.mask_token.expand(x.shape[0], x.shape[1], -1) * w
-      x = b.pos_drop(torch.cat((b.cls_token.expand(x.shape[0], -1, -1), x), dim=1))
-      rel_pos_bias = b.rel_pos_bias()
+      x = torch.cat((b.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+      if b.pos_embed is not None:
+        x = x + b.pos_embed
+      x = b.pos_drop(x)
+      rel_pos_bias = b.rel_pos_bias() if b.rel_pos_bias is not None else None
       for blk in b.blocks:
         x = blk(x, shared_rel_pos_bias=rel_pos_bias)
       return self.lm_head(self.norm(x)[:, 1:][mask])
@@ -417,7 +466,9 @@ def run_torch(args, step_name: str) -> dict:
     from beit_jax.data import masking  # pylint: disable=import-outside-toplevel
     enc = Encoder(device=dev, requires_grad=False, use_mixed_precision=False).eval()
     encode = compile_(enc)
-    model = _torch_mim(torch, timm, args.model, enc.vocab_size).to(dev)
+    model = _torch_mim(torch, timm.create_model(args.model, pretrained=False, num_classes=0, drop_path_rate=0.1,
+                                                use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+                       enc.vocab_size).to(dev)
     net = compile_(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, lr=1.5e-3, betas=(0.9, 0.999), weight_decay=0.05)
@@ -432,6 +483,44 @@ def run_torch(args, step_name: str) -> dict:
       with autocast():
         logits = net(images, mask)
       return F.cross_entropy(logits.float(), ids[mask]), params, 3.0
+  elif step_name == "miniature":
+    from taming.modules.diffusionmodules.model import Encoder  # pylint: disable=import-outside-toplevel
+    from timm.models.beit import Beit  # pylint: disable=import-outside-toplevel
+    from beit_jax import models  # pylint: disable=import-outside-toplevel
+    from beit_jax.data import masking  # pylint: disable=import-outside-toplevel
+    config, c = _miniature_config(batch)
+    m = models.get_config(config.model.name, **dict(config.model.overrides))
+    enc = Encoder(ch=c.ch, out_ch=c.channels, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks,
+                  attn_resolutions=list(c.attn_resolutions), dropout=0.0, in_channels=c.channels,
+                  resolution=c.input_size, z_channels=c.z_channels, double_z=False)
+    enc.mid.attn_1 = torch.nn.Identity()  # peco_fmnist_small has no mid-block attention
+    tok = torch.nn.ModuleDict({"encoder": enc, "quant_conv": torch.nn.Conv2d(c.z_channels, c.embed_dim, 1)})
+    tok = tok.to(dev).eval().requires_grad_(False)
+    codebook = F.normalize(torch.randn(c.vocab_size, c.embed_dim, device=dev), dim=-1)
+    encoder = compile_(tok["encoder"])
+    beit = Beit(img_size=m.img_size, patch_size=m.patch_size, num_classes=0, embed_dim=m.width, depth=m.depth,
+                num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, use_abs_pos_emb=m.use_abs_pos_emb,
+                use_rel_pos_bias=m.use_rel_pos_bias, use_shared_rel_pos_bias=m.use_shared_rel_pos_bias,
+                init_values=m.layer_scale_init or None, drop_path_rate=m.drop_path_rate)
+    model = _torch_mim(torch, beit, c.vocab_size).to(dev)
+    net = compile_(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = adamw(params, lr=config.optim.lr, betas=(0.9, 0.999), weight_decay=0.05)
+    d = config.data
+    images = torch.from_numpy(rng.standard_normal((batch, 3, d.image_size, d.image_size), np.float32)).to(dev)
+    tok_images = torch.from_numpy(rng.uniform(size=(batch, 3, d.tokenizer_size, d.tokenizer_size)).astype(
+        np.float32)).to(dev)
+    mask = torch.from_numpy(masking.blockwise_masks(0, np.arange(batch), m.grid, d.mask.num_masked,
+                                                    d.mask.min_block, d.mask.min_aspect)).to(dev)
+    mask = mask.reshape(batch, -1).bool()
+
+    def loss_fn():
+      with torch.no_grad(), autocast():
+        z = F.normalize(tok["quant_conv"](encoder(2 * tok_images - 1)).float(), dim=1)  # [B, D, h, w]
+        ids = torch.einsum("bdhw,kd->bhwk", z, codebook).argmax(-1).flatten(1)
+      with autocast():
+        logits = net(images, mask)
+      return F.cross_entropy(logits.float(), ids[mask]), params, config.optim.clip_grad
   elif step_name == "finetune":
     from timm.data import Mixup  # pylint: disable=import-outside-toplevel
     from timm.loss import SoftTargetCrossEntropy  # pylint: disable=import-outside-toplevel

@@ -1,14 +1,15 @@
 """Fine-tuning the demo's small BEiT on Fashion-MNIST (10 classes), on CPU.
 
-  python -m beit_jax.main --config=configs/fmnist_finetune.py:/tmp/beit_demo/pretrain_run/model \\
+  python -m beit_jax.main --config=configs/fmnist_finetune.py:/tmp/beit_demo/beit_pretrain/model \\
       --workdir=/tmp/beit_demo/finetune_run
 
-The argument is a model folder: a pre-training run's workdir/model ("" or no argument: from scratch, the
-supervised baseline). The recipe is BEiT's (layer decay, drop path, label smoothing, AdamW, cosine schedule with
-warm-up) at the demo's scale, with its augmentation cut down to random-resized crops and flips: these runs are a
-few hundred steps, and mixup/cutmix + RandAugment + erasing regularise what such short runs cannot yet fit (600
-steps of 128 with the whole recipe: 42.5% held-out top-1 from the pre-trained model; 300 steps of 64 with crops
-only: 54.0%). The held-out top-1 the `make demo` chain reaches is in BENCHMARKS.md.
+The argument is a model folder: a pre-training run's workdir/model ("" or no argument: from scratch). The
+recipe is BEiT's (layer decay, drop path, label smoothing 0.1, AdamW, cosine schedule with warm-up, head at
+0.001 of its init scale) at the demo's scale, in the pre-training's layout (configs.ABS_POS_LAYOUT), with its
+augmentation cut down to random-resized crops and flips: these runs are a few hundred steps, and mixup/cutmix
++ RandAugment + erasing regularise what such short runs cannot yet fit. The `make demo` chain runs the arms
+from scratch with `--config.optim.layer_decay=1.0 --config.model.overrides.head_init_scale=1.0`; the held-out
+top-1 of every arm is in BENCHMARKS.md.
 """
 from beit_jax import configs
 
@@ -16,12 +17,12 @@ from beit_jax import configs
 def get_config(init: str = ""):
   c = configs.finetune()
   c.init = f"checkpoint:{init}" if init else ""
-  c.model.name = "beit_fmnist"  # 32 px, 4 px patches
-  c.model.overrides = {"drop_path_rate": 0.1, "global_pool": "avg"}
+  c.model.name = "beit_fmnist"  # 28 px, 4 px patches
+  c.model.overrides = {"drop_path_rate": 0.1, "global_pool": "avg", **configs.ABS_POS_LAYOUT}
   c.data.source = "fashion_mnist_files"
   c.data.split = "train"
-  c.data.image_size = 32
-  c.data.crop_pct = 1.0  # 28 px digits resized to 32: no border to crop away
+  c.data.image_size = 28
+  c.data.crop_pct = 1.0  # the whole 28 px image: no border to crop away
   c.data.augment = {"crop_scale": (0.5, 1.0), "rand_augment": None, "erase_prob": 0.0}
   c.mixup = None  # label smoothing 0.1 stays
   c.batch_size = 64

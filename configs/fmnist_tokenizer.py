@@ -2,7 +2,8 @@
 
   python -m beit_jax.main --config=configs/fmnist_tokenizer.py --workdir=/tmp/demo/tokenizer_run
 
-Expect a few minutes on 2 CPU cores; the held-out PSNR and codebook usage it reaches are in BENCHMARKS.md.
+Expect ~2-5 minutes on 2 CPU cores (the perceptual loss costs as much again); the held-out PSNR, codebook usage
+and the codes it spends on black background are in BENCHMARKS.md.
 The config argument picks the perceptual network: none (a small random-weight BEiT: the loop's mechanics
 only), `:pixel` (no perceptual loss: the pixel-only VQ baseline), or `:checkpoint:DIR` / `:pytorch:PATH`, a
 trained self-supervised transformer, as PeCo (e.g. a pre-training run's workdir/model: the `make demo` chain

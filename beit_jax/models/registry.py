@@ -46,8 +46,8 @@ register("beit_giant_patch14_224", img_size=224, patch_size=14, width=1408, dept
 
 register("beit_test_tiny", img_size=32, patch_size=8, width=32, depth=2, num_heads=2)
 register("beit_test_small", img_size=64, patch_size=8, width=64, depth=4, num_heads=4)
-# The demo's model: Fashion-MNIST at 32 px in 4 px patches (an 8x8 grid), small enough for a 2-core CPU.
-register("beit_fmnist", img_size=32, patch_size=4, width=128, depth=4, num_heads=4)
+# The demo's model: Fashion-MNIST at its own 28 px in 4 px patches (a 7x7 grid), small enough for a 2-core CPU.
+register("beit_fmnist", img_size=28, patch_size=4, width=128, depth=4, num_heads=4)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -384,13 +384,14 @@ _REGISTRY: dict[str, PecoConfig] = {
     # Tests: 28x28 grayscale (Fashion-MNIST as is) -> 14x14 tokens; seconds per step on CPU.
     "peco_test_tiny": PecoConfig(input_size=28, channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                                  attn_resolutions=(), mid_attn=False, z_channels=16, embed_dim=16, vocab_size=64),
-    # CPU demo: Fashion-MNIST padded 28 -> 32 (2 px of black per side), 8x8 tokens from a 512-code BEiT v2-style
-    # codebook (low-dimensional, normalised, EMA, dead codes restarted). Measured: L1 + codebook loss, adam 1e-3,
-    # batch 64, 400 steps (4 min on a shared 2-core CPU) -> 21.5 dB PSNR on 512 test images, 511 of 512 codes used.
-    # ch=32 was slower per step and reached only 18 dB in the same time.
-    "peco_fmnist_small": PecoConfig(input_size=32, channels=1, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+    # CPU demo: Fashion-MNIST at 28 px -> 7x7 tokens from a 128-code BEiT v2-style codebook (low-dimensional,
+    # normalised, EMA), initialised by k-means on the first batch's encodings, dead codes restarted by D^2
+    # sampling. 128 codes, not 512: a 4 px patch of a grey garment has few distinct looks, and with 512 codes
+    # black background alone took 308 synonymous codes (the most frequent 2% of its patches; BENCHMARKS.md).
+    "peco_fmnist_small": PecoConfig(input_size=28, channels=1, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
                                     attn_resolutions=(), mid_attn=False, z_channels=64, embed_dim=32,
-                                    vocab_size=512, quantizer="cosine_ema", dead_code_threshold=0.5),
+                                    vocab_size=128, quantizer="cosine_ema", dead_code_threshold=0.5,
+                                    kmeans_init=True),
 }
 
 
