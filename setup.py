@@ -34,9 +34,12 @@ setuptools.setup(
         # Install torch first (`pip install torch==<cpu build>`), or pip may pull a CUDA torch.
         "torch": ["torch>=2.4", "timm>=1.0.15", "transformers>=4.46", "safetensors>=0.4"],
         # scikit-image ships the real photos used by tests, examples and colabs (skimage.data).
-        # nbclient/ipykernel run the colabs/ notebooks in the suite; matplotlib draws their figures.
+        # nbclient/ipykernel run the colabs/ notebooks in the suite; matplotlib draws their figures (and the
+        # demo's).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.24", "nbclient>=0.10", "nbformat>=5.9",
-                 "ipykernel>=6.29", "matplotlib>=3.8", "hypothesis>=6.100"],
+                 "ipykernel>=6.29", "matplotlib>=3.8", "hypothesis>=6.100",
+                 # the reference logistic regression of the linear-probe tests
+                 "scikit-learn>=1.4"],
     },
     entry_points={
         "console_scripts": [

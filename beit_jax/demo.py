@@ -59,10 +59,10 @@ class Scale:
 
 SCALES = {
     # `make demo`: the checks 1-4 of the full run at 1% and 10% labels, one seed, no compute-matched arm.
-    "demo": Scale(tokenizer_steps=200, pretrain_steps=400, finetune_steps={0.01: 100, 0.1: 150}, seeds=(0,),
+    "demo": Scale(tokenizer_steps=200, pretrain_steps=800, finetune_steps={0.01: 100, 0.1: 150}, seeds=(0,),
                   probe_steps=300, matched=()),
     # The recorded table (BENCHMARKS.md): 1%, 10% and all labels, 3 seeds, every arm.
-    "full": Scale(tokenizer_steps=300, pretrain_steps=500, finetune_steps={0.01: 100, 0.1: 200, 1.0: 500},
+    "full": Scale(tokenizer_steps=300, pretrain_steps=1200, finetune_steps={0.01: 100, 0.1: 200, 1.0: 500},
                   seeds=(0, 1, 2), probe_steps=300, matched=(0.01, 0.1, 1.0)),
 }
 CURVE_SPLIT = "test[:2000]"  # the learning curves' held-out subset (the table's figures use all 10,000)

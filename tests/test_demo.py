@@ -36,12 +36,50 @@ def test_table_renders_recorded_results_and_marks_missing_ones():
   results = {"beit_finetune_1_seed0": {"eval_top1": 0.80}, "beit_finetune_1_seed1": {"eval_top1": 0.70},
              "beit_finetune_1_seed2": {"eval_top1": 0.75}, "supervised_finetune_0.01_seed0": {"eval_top1": 0.5},
              "beit_pretrain": {"eval_mlm_acc": 0.02, "eval_most_frequent_acc": 0.01,
-                               "eval_most_frequent_per_position_acc": 0.04, "eval_chance": 0.002}}
+                               "eval_most_frequent_per_position_acc": 0.04, "eval_chance": 0.002,
+                               "eval_mlm_acc_foreground": 0.03, "eval_most_frequent_per_position_acc_foreground": 0.05},
+             "beit_tokenizer": {"eval_psnr": 20.5, "eval_usage": 0.5, "eval_perplexity": 40.2,
+                                "eval_background_codes": 12, "eval_background_top_share": 0.6}}
   text = demo.table(results, "full")
   print(text)
   beit = next(l for l in text.splitlines() if l.startswith("| BEiT"))
   assert beit.split("|")[4].strip() == "75.0 ± 4.1"  # 100% labels: mean and (population) std of 80, 70, 75
-  assert "50.0 (1 of 3 seeds)" in text and "| beit | 2.00 | 1.00 | 4.00 | 0.20 |" in text
+  assert "50.0 (1 of 3 seeds)" in text and "| beit | 2.00 | 4.00 | 1.00 | 0.20 | 3.00 | 5.00 |" in text
+  assert "| beit | 20.50 | 50.0% | 40 | 12 | 60.0% |" in text
+  assert "| from scratch, same fine-tuning steps | - | - | - |" in text
+
+
+def _results(scratch, beit, peco, random_probe, probes, mim=(0.4, 0.15)):
+  """Recorded results of a full-scale chain with these held-out top-1s (per seed) at 1% and 10% labels."""
+  r = {}
+  for arm, values in (("scratch", scratch), ("beit", beit), ("peco", peco)):
+    for f in (0.01, 0.1):
+      for s, v in enumerate(values):
+        r[f"{arm}_finetune_{f:g}_seed{s}"] = {"eval_top1": v}
+  for s, v in enumerate(random_probe):
+    r[f"random_probe_seed{s}"] = {"eval_top1": v}
+    r[f"beit_probe_seed{s}"] = r[f"peco_probe_seed{s}"] = {"eval_top1": probes[s]}
+  for arm in ("beit", "peco"):
+    r[f"{arm}_pretrain"] = {"eval_mlm_acc": mim[0], "eval_most_frequent_per_position_acc": mim[1]}
+  return r
+
+
+def test_checks_pass_and_fail_on_the_figures_they_name():
+  full = demo.SCALES["full"]
+  good = demo.check(_results([0.50, 0.52, 0.51], [0.60, 0.61, 0.62], [0.63, 0.64, 0.62], [0.40] * 3,
+                             [0.55, 0.56, 0.57]), full)
+  print(good)
+  assert good["mim"]["passed"] and good["pays"]["passed"] and good["probe"]["passed"]
+  assert good["papers_peco"]["passed"]  # 63 vs 61, spread 1.6
+  # 2x the per-position guess, not 1.9x; 4.0 points, not 5; 9 points above the random probe, not 10
+  bad = demo.check(_results([0.56, 0.57, 0.58], [0.60, 0.61, 0.62], [0.60, 0.61, 0.62], [0.47] * 3,
+                            [0.55, 0.56, 0.57], mim=(0.38, 0.2)), full)
+  print(bad)
+  assert not (bad["mim"]["passed"] or bad["pays"]["passed"] or bad["probe"]["passed"] or bad["papers_peco"]["passed"])
+  assert "1.90x" in bad["mim"]["text"] and "beit 1% +4.0" in bad["pays"]["text"] and "+9.0" in bad["probe"]["text"]
+  # A gap of 5 points inside a spread of more than 5 is no proof either.
+  noisy = demo.check(_results([0.40, 0.50, 0.60], [0.55, 0.56, 0.57], [0.55, 0.56, 0.57], [0.4] * 3, [0.6] * 3), full)
+  assert not noisy["pays"]["passed"]
 
 
 def test_a_stage_stopped_by_sigterm_is_not_recorded(tmp_path):
@@ -72,3 +110,18 @@ def test_a_stage_stopped_by_sigterm_is_not_recorded(tmp_path):
   assert "tok" not in chain.results
   assert not (tmp_path / "results.json").exists() or "tok" not in json.loads((tmp_path / "results.json").read_text())
   assert list((tmp_path / "tok" / "checkpoints").iterdir())  # the stop saved a checkpoint to resume from
+
+
+@pytest.mark.slow
+def test_make_demo_end_to_end_passes_its_checks(tmp_path):
+  """`make demo` itself (~20 minutes on 2 cores): every stage, the table, the checks 1-4 of issue 19 at demo
+  scale (masked-token accuracy >= 2x the per-position guess for both tokenizers, fine-tuned >= 5 points above
+  from scratch at 1% and 10% labels, probes >= 10 points above the random one) and the two figures."""
+  results = demo.run(str(tmp_path), "demo")
+  checks = results["checks"]
+  print({k: c["text"] for k, c in checks.items()})
+  assert {"mim", "pays", "probe"} <= set(checks)
+  assert all(c["passed"] for k, c in checks.items() if not k.startswith("papers")), checks
+  for name in ("curves.png", "masked_predictions.png"):
+    assert (tmp_path / "figures" / name).stat().st_size > 10_000
+  assert "PASS" in (tmp_path / "table.md").read_text()
