@@ -168,9 +168,11 @@ def linear_probe() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0
   # layers (): every block 1..depth; normalize: standardise features per example (ours, see models/heads.py);
   # features: "augmented" (each step's random crops through the frozen backbone, the paper's) or "precomputed"
-  # (every training image's features once, then full-batch steps: a logistic regression run to convergence, for
-  # data sets whose features fit in memory; a step is then an epoch)
-  c.probe = ml_collections.ConfigDict({"layers": (), "use_cls": True, "normalize": True, "features": "augmented"})
+  # (every training image's features once, whitened, then L-BFGS iterations on the full batch: a logistic
+  # regression with L2 penalty l2 run to convergence, for data sets whose features fit in memory; a step is then
+  # an iteration, and config.optim is not used)
+  c.probe = ml_collections.ConfigDict({"layers": (), "use_cls": True, "normalize": True, "features": "augmented",
+                                       "l2": 1e-5})
   c.epochs = 50
   c.optim = ml_collections.ConfigDict({
       "name": "adamw", "lr": 4e-3, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 1e-4,

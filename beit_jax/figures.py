@@ -45,7 +45,7 @@ def draw_masked_predictions(path, arms: Mapping[str, dict], tokenizer_images, ma
   n, size = tokenizer_images.shape[0], tokenizer_images.shape[1]
   grey = lambda x: np.clip(x.mean(-1) if x.ndim == 4 else x, 0, 1)
   pix = np.stack([upsample(m, size) for m in np.asarray(mask, bool)])
-  rows = [("image, masked", grey(tokenizer_images) * (1 - 0.7 * pix))]
+  rows = [("image, masked", np.where(pix > 0, 0.35 + 0.3 * grey(tokenizer_images), grey(tokenizer_images)))]
   for arm, out in arms.items():
     acc = out["right"].sum() / max(np.asarray(mask).sum(), 1)
     marks = np.stack([np.stack([upsample(~r & m, size), upsample(r, size), np.zeros((size, size))], -1)

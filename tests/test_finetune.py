@@ -135,10 +135,11 @@ def test_label_smoothing_applies_without_mixup():
   (the step used 0.0 whenever mixup was off, whatever the config said)."""
   c = ft_config()
   c.mixup, c.label_smoothing = None, 0.1
-  c.model.overrides = {"drop_path_rate": 0.0}  # a deterministic forward, the same in the step and here
+  # A deterministic forward (the same in the step and here), and logits far from uniform (a full-scale head).
+  c.model.overrides = {"drop_path_rate": 0.0, "head_init_scale": 1.0}
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   cfg = finetune.model_config(c, 10)
-  graphdef, state, tx, lr_fn = finetune.create_state(c, cfg, mesh, 10)
+  graphdef, state, tx, lr_fn = finetune.create_state(c, cfg, mesh, 100)
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32)}
   logits = nnx.merge(graphdef, state["params"], state["rest"])(batch["image"])
@@ -154,18 +155,24 @@ def test_label_smoothing_applies_without_mixup():
 
 def test_linear_probe_on_precomputed_features_matches_sklearn(tmp_path):
   """probe.features="precomputed": the stored features are the backbone's on each training image (in the
-  labels' order), and the full-batch probe reaches what scikit-learn's logistic regression (L-BFGS, to
-  convergence) reaches on the same features."""
+  labels' order), and the full-batch L-BFGS probe on whitened features, folded back into a probe of the raw
+  ones, solves the problem scikit-learn solves: LogisticRegression (C = 1 / (l2 N), the same objective) on
+  PCA(whiten=True) features, the same held-out accuracy. (Adam on these random-network features had not
+  converged after 3,000 full-batch steps: 54.2% against 58.4%.)"""
+  from sklearn.decomposition import PCA  # pylint: disable=import-outside-toplevel
   from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
+  from sklearn.pipeline import make_pipeline  # pylint: disable=import-outside-toplevel
   from beit_jax.data import pipelines, sources  # pylint: disable=import-outside-toplevel
   c = configs.linear_probe()
   c.model.name = "beit_test_tiny"
   c.data.source, c.data.split, c.data.image_size, c.data.crop_pct = "fashion_mnist_files", "train[:3000]", 32, 1.0
   c.probe.features, c.probe.layers = "precomputed", (2,)
   c.eval_split = "test[:1000]"
-  c.batch_size, c.total_steps, c.log_every, c.ckpt_every = 500, 300, 100, 300
-  c.optim.lr = 1e-2
-  c.mesh = {"data": 8}
+  c.batch_size, c.total_steps, c.log_every, c.ckpt_every = 600, 100, 50, 100
+  c.probe.l2 = 1e-4
+  # 4 of the 8 virtual devices: with 8 on 2 cores, XLA:CPU deadlocks in the full-batch step's all-reduce (7 of 8
+  # devices wait in the rendezvous while the 8th's matmul waits for a thread of the pool they hold).
+  c.mesh, c.num_devices = {"data": 4}, 4
   out = linear_probe.train_and_evaluate(c, tmp_path)
   ours = out["metrics"]["eval_top1"]
 
@@ -177,12 +184,13 @@ def test_linear_probe_on_precomputed_features_matches_sklearn(tmp_path):
     _, hidden = backbone.encode(b["image"], return_hidden_states=True)
     return np.asarray(probe_features(hidden, (2,))[0]), b["label"]
   x, y = direct("train[:3000]")
-  mesh = sharding.make_mesh({"data": 8}, jax.devices())
+  mesh = sharding.make_mesh({"data": 4}, jax.devices()[:4])
   bdef, bstate = sharding.place(backbone, mesh, filters=(...,))
-  stored = linear_probe.precomputed_features(c, mesh, 500, bdef, bstate, blocks=(2,), use_cls=True, normalize=True)
+  stored = linear_probe.precomputed_features(c, mesh, 600, bdef, bstate, blocks=(2,), use_cls=True, normalize=True)
   np.testing.assert_allclose(np.asarray(stored["features"])[:3000, 0], x, atol=2e-5)
   np.testing.assert_array_equal(np.asarray(stored["label"])[:3000], y)
   xt, yt = direct("test[:1000]")
-  ref = LogisticRegression(C=1e3, max_iter=2000).fit(x, y).score(xt, yt)
+  ref = make_pipeline(PCA(whiten=True), LogisticRegression(C=1 / (1e-4 * len(y)), max_iter=10_000, tol=1e-8))
+  ref = ref.fit(x.astype(np.float64), y).score(xt.astype(np.float64), yt)
   print(f"precomputed-feature probe {ours:.4f}, scikit-learn's logistic regression {ref:.4f}")
-  assert abs(ours - ref) < 0.02 and ours > 0.4
+  assert abs(ours - ref) <= 0.005 and ours > 0.4

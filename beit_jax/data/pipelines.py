@@ -286,7 +286,7 @@ def check_labels(batch: dict[str, np.ndarray], source: Source) -> dict[str, np.n
 
 
 def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard: Shard = Shard(),
-                 channels: int = 3) -> Iterator[dict[str, np.ndarray]]:
+                 channels: int = 3, threads: Optional[int] = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the split, each example exactly once across hosts; every host yields the same number of
   batches, padded with `valid=False` rows (weight metrics by `valid`)."""
   num_batches = math.ceil(math.ceil(source.num_examples / shard.count) / host_batch)
@@ -298,7 +298,7 @@ def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard
   pad = {k: tf.zeros(v.shape, v.dtype) for k, v in spec.items()}
   pad["valid"] = tf.constant(False)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * host_batch)
-  return (check_labels(b, source) for b in tfds.as_numpy(ds.batch(host_batch).with_options(_options()).prefetch(2)))
+  return (check_labels(b, source) for b in tfds.as_numpy(ds.batch(host_batch).with_options(_options(threads)).prefetch(2)))
 
 
 def num_eval_batches(source: Source, host_batch: int, num_hosts: int = 1) -> int:

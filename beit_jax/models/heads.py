@@ -45,5 +45,8 @@ class LinearProbes(nnx.Module):
     self.kernel = layers.param(rngs, normal, (num_probes, features, num_classes), ("probes", "embed", "classes"))
     self.bias = layers.param(rngs, layers.constant(0.0), (num_probes, num_classes), ("probes", "classes"))
 
-  def __call__(self, feats: jax.Array) -> jax.Array:
-    return jnp.einsum("pbf,pfc->pbc", feats, self.kernel[...]) + self.bias[...][:, None]
+  def __call__(self, feats: jax.Array, *, batch_major: bool = False) -> jax.Array:
+    """Logits [P, B, C] of features [P, B, F], or of [B, P, F] with `batch_major` (stored features: no transposed
+    copy of them is made)."""
+    spec = "bpf,pfc->pbc" if batch_major else "pbf,pfc->pbc"
+    return jnp.einsum(spec, feats, self.kernel[...]) + self.bias[...][:, None]

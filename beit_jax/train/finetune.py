@@ -10,7 +10,7 @@ Per step: mixup/cutmix (or label smoothing alone) on device, soft-target cross-e
 learning-rate decay and the weight-decay mask, cosine schedule with warm-up, optional EMA of the weights.
 Evaluation: top-1/top-5 over the eval split, every example counted exactly once across hosts.
 
-  python -m beit_jax.main --config=configs/fmnist_finetune.py:/tmp/beit_demo/pretrain_run/model --workdir=/tmp/ft
+  python -m beit_jax.main --config=configs/fmnist_finetune.py:/tmp/beit_demo/beit_pretrain/model --workdir=/tmp/ft
 """
 from __future__ import annotations
 
@@ -145,7 +145,8 @@ def eval_batches(config, mesh, host_batch: int, split: str = ""):
   source = sources.get_source(d.source, split or config.eval_split, d.get("data_dir"))
   transform = pipelines.eval_transform(image_size=d.image_size, crop_pct=d.get("crop_pct"),
                                        mean_std=pipelines.mean_std(d.mean_std))
-  it = pipelines.eval_batches(source, transform, host_batch=host_batch, shard=pipelines.Shard.of_this_process())
+  it = pipelines.eval_batches(source, transform, host_batch=host_batch, shard=pipelines.Shard.of_this_process(),
+                              threads=d.get("threads"))
   it = ({"image": b["image"], "label": b["label"], "valid": b["valid"]} for b in it)
   return device.global_batches(it, mesh, sharding.BATCH_AXES)
 

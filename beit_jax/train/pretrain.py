@@ -235,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     it = pipelines.eval_batches(held_out, pipelines.mim_eval_transform(
         image_size=d.image_size, tokenizer_size=d.tokenizer_size, tokenizer_resize=d.tokenizer_resize,
         mean_std=mean_std),
-        host_batch=host_batch, shard=shard)
+        host_batch=host_batch, shard=shard, threads=d.get("threads"))
     it = ({"image": b["image"], "tokenizer_image": b["tokenizer_image"], "valid": b["valid"].astype(np.float32),
            "mask": mask_spec.make(config.seed + 1, b["index"], 0)} for b in it)
     with jax.set_mesh(mesh):

@@ -120,8 +120,13 @@ def create_opt_state(tx, params, mesh: Mesh, *, abstract: bool = False):
   """`tx.init(params)` created directly in its shardings: moments shaped like a parameter are sharded like it,
   everything else (step counts) replicated. `abstract=True`: ShapeDtypeStructs, nothing allocated."""
   shapes = jax.eval_shape(tx.init, params)
-  out = optax.tree_map_params(tx, lambda _, s: s, shapes, shardings_of(params),
-                              transform_non_params=lambda _: replicated(mesh))
+  try:
+    out = optax.tree_map_params(tx, lambda _, s: s, shapes, shardings_of(params),
+                                transform_non_params=lambda _: replicated(mesh))
+  except IndexError:
+    # A transformation whose init reads the parameters' values (optax.lbfgs's line search) cannot be mapped
+    # over placeholders: its state is replicated (the linear probes', a few MB of L-BFGS history).
+    out = jax.tree.map(lambda _: replicated(mesh), shapes)
   if abstract:
     return _abstract(shapes, out)
   with jax.set_mesh(mesh):

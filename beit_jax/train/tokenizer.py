@@ -213,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def eval_batches():
     it = pipelines.eval_batches(eval_source, pipelines.plain_transform(image_size=tcfg.input_size),
-                                host_batch=host_batch, shard=shard, channels=d.channels)
+                                host_batch=host_batch, shard=shard, channels=d.channels, threads=d.get("threads"))
     it = ({"image": b["image"], "valid": b["valid"]} for b in it)
     return device.global_batches(it, mesh, sharding.BATCH_AXES)
 
