@@ -472,5 +472,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from beit_jax.train import preemption  # pylint: disable=ungrouped-imports
+  preemption.install()  # SIGTERM from the start: the running stage stops cleanly and the rerun resumes it
   logging.getLogger().setLevel(logging.WARNING)
   app.run(main)

@@ -11,6 +11,10 @@
 
 Multi-host: with `--distributed` (or BEIT_JAX_DISTRIBUTED=1; on Cloud TPU and SLURM jax finds the rest of the
 set-up itself), `jax.distributed.initialize()` runs before anything touches a device.
+
+SIGTERM (a preemption notice) is taken over as the process starts, before jax is imported: at any moment of
+start-up, compile or training it ends the run cleanly, exit status 0, with a checkpoint where there is a step to
+save (train/preemption.py); the rerun resumes.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from beit_jax.train import modes
+from beit_jax.train import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go (a rerun resumes from it)")
@@ -34,10 +38,12 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].device_kind)
+  from beit_jax.train import modes  # pylint: disable=import-outside-toplevel  (jax, after install())
   modes.run(_CONFIG.value, _WORKDIR.value)
 
 
 def cli():  # console script `beit-train`
+  preemption.install()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
 

@@ -21,7 +21,7 @@ The steps (synthetic batches of the real shapes, so that no TensorFlow or data s
   miniature  The Fashion-MNIST miniature's pre-training step (`make demo`): configs/fmnist_pretrain.py's model
              (beit_fmnist: 28 px, 4 px patches, width 128, 4 blocks, absolute position embedding) on the ids of
              its tokenizer (peco_fmnist_small: a small VQGAN encoder + 128-code cosine codebook) encoded inside the
-             step, batch 128 as the config. Peer: taming-transformers' Encoder of the same shape (its mid-block
+             step, batch 64 as the config. Peer: taming-transformers' Encoder of the same shape (its mid-block
              attention removed, as ours has none) + quant_conv + the nearest normalised code, timm's Beit of the
              same shape in the same layout with unilm's mask token and LM head on the masked positions, AdamW.
   tokenizer  PeCo tokenizer training before the GAN phase. Ours: `beit_jax.train.tokenizer.train_step` (VQGAN
@@ -62,7 +62,7 @@ STEPS = ("pretrain", "finetune", "tokenizer", "segmentation", "miniature")
 # Per-device batches: what fills an 80 GB H100 in bf16 without remat, and what a 2-core CPU runs in seconds
 # (segmentation: 2, the fewest BatchNorm in training mode accepts for the 1x1 pyramid-pooling branch in torch).
 DEFAULT_BATCH = {"gpu": {"pretrain": 256, "finetune": 256, "tokenizer": 32, "segmentation": 16, "miniature": 1024},
-                 "cpu": {"pretrain": 8, "finetune": 8, "tokenizer": 2, "segmentation": 2, "miniature": 128}}
+                 "cpu": {"pretrain": 8, "finetune": 8, "tokenizer": 2, "segmentation": 2, "miniature": 64}}
 _SEG_CLASSES, _SEG_SIZE = 150, 512
 _NUM_CLASSES = 1000
 
@@ -209,20 +209,15 @@ def matmul_peak_tflops(dtype: str, gpu: bool) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def _jax_pretrain(args, batch, mesh):
+def _pretrain_step(config, tok, batch: int, mesh):
+  """The pre-training trainer's jitted step for `config` and tokenizer module `tok`, its state and a synthetic
+  batch of the real shapes (blockwise masks as the pipeline makes them)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from beit_jax import configs  # pylint: disable=import-outside-toplevel
   from beit_jax.data import masking  # pylint: disable=import-outside-toplevel  (numpy only)
-  from beit_jax.tokenizers import dalle  # pylint: disable=import-outside-toplevel
   from beit_jax.train import pretrain, sharding  # pylint: disable=import-outside-toplevel
 
-  config = configs.pretrain()
-  config.batch_size = batch
-  config.model.name = args.model
-  config.model.overrides.update(dtype=args.dtype, attention_impl=args.attention, remat=args.remat)
-  tok = dalle.DalleTokenizer(dalle.DalleConfig(dtype=args.dtype), decoder=False, rngs=nnx.Rngs(0))
   cfg = pretrain.model_config(config, tok.vocab_size)
   graphdef, state, tx, lr_fn = pretrain.create_state(config, cfg, mesh, 100_000)
   tok_graphdef, tok_state = nnx.split(tok)
@@ -236,6 +231,19 @@ def _jax_pretrain(args, batch, mesh):
           "mask": masks}
   step_fn = pretrain.jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, d.mask.num_masked)
   return step_fn, state, (jax.device_put(host, sharding.batch_sharding(mesh)), tok_state)
+
+
+def _jax_pretrain(args, batch, mesh):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from beit_jax import configs  # pylint: disable=import-outside-toplevel
+  from beit_jax.tokenizers import dalle  # pylint: disable=import-outside-toplevel
+
+  config = configs.pretrain()
+  config.batch_size = batch
+  config.model.name = args.model
+  config.model.overrides.update(dtype=args.dtype, attention_impl=args.attention, remat=args.remat)
+  tok = dalle.DalleTokenizer(dalle.DalleConfig(dtype=args.dtype), decoder=False, rngs=nnx.Rngs(0))
+  return _pretrain_step(config, tok, batch, mesh)
 
 
 def _miniature_config(batch: int):
@@ -252,30 +260,14 @@ def _miniature_config(batch: int):
 
 
 def _jax_miniature(args, batch, mesh):
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from beit_jax.data import masking  # pylint: disable=import-outside-toplevel  (numpy only)
   from beit_jax.tokenizers import vqgan  # pylint: disable=import-outside-toplevel
-  from beit_jax.train import pretrain, sharding  # pylint: disable=import-outside-toplevel
 
   config, tcfg = _miniature_config(batch)
   config.model.overrides = {**dict(config.model.overrides), "dtype": args.dtype}
   tok = vqgan.PecoTokenizer(tcfg.replace(dtype=args.dtype), rngs=nnx.Rngs(0))
   tok.eval()
-  cfg = pretrain.model_config(config, tok.vocab_size)
-  graphdef, state, tx, lr_fn = pretrain.create_state(config, cfg, mesh, 100_000)
-  tok_graphdef, tok_state = nnx.split(tok)
-  tok_state = jax.device_put(tok_state, sharding.replicated(mesh))
-  d = config.data
-  masks = masking.blockwise_masks(0, np.arange(batch), cfg.grid, d.mask.num_masked, d.mask.min_block,
-                                  d.mask.min_aspect)
-  rng = np.random.default_rng(0)
-  host = {"image": rng.standard_normal((batch, d.image_size, d.image_size, 3), np.float32),
-          "tokenizer_image": rng.uniform(size=(batch, d.tokenizer_size, d.tokenizer_size, 3)).astype(np.float32),
-          "mask": masks}
-  step_fn = pretrain.jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, d.mask.num_masked)
-  return step_fn, state, (jax.device_put(host, sharding.batch_sharding(mesh)), tok_state)
+  return _pretrain_step(config, tok, batch, mesh)
 
 
 def _jax_finetune(args, batch, mesh):

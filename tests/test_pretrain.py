@@ -83,20 +83,21 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path, tokenizer_file):
 
 
 def test_sigterm_saves_and_stops(tmp_path, tokenizer_file):
+  """SIGTERM once the loop is stepping (its first checkpoint, step 5, is on disk): exit 0 with a checkpoint
+  of the step it stopped at, long before the end."""
+  import re  # pylint: disable=import-outside-toplevel
   workdir = tmp_path / "term"
-  proc = subprocess.Popen([sys.executable, "-c", run_code(tokenizer_file, workdir, ckpt_every=1000)],
+  proc = subprocess.Popen([sys.executable, "-c", run_code(tokenizer_file, workdir, total_steps=200, ckpt_every=5)],
                           stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (workdir / "events_seen").exists():
-    if list(workdir.glob("events.out.tfevents*")) and proc.poll() is None:
-      break
-    time.sleep(0.2)
-  time.sleep(1.0)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None and not saved_steps(workdir):
+    time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
+  _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-2000:]
-  steps = saved_steps(workdir)
-  assert steps and max(steps) < 12, steps  # saved where it stopped, not at the end
+  stopped = re.search(r"SIGTERM: stopped after the checkpoint of step (\d+) of 200", err)
+  assert stopped, err[-2000:]
+  assert max(saved_steps(workdir)) == int(stopped.group(1)) < 200, (saved_steps(workdir), stopped.group(0))
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, tokenizer_file):

@@ -141,16 +141,16 @@ def _rss_mib(pid):
   return None
 
 
-def _run_and_sample(code, stop_after=None):
-  """Runs `code` in a subprocess, sampling its RSS every 0.5 s; SIGTERM after `stop_after` seconds if given.
+def _run_and_sample(code, stop_when=None):
+  """Runs `code` in a subprocess, sampling its RSS every 0.5 s; SIGTERM once `stop_when()` is true, if given.
   Returns [(seconds, rss MiB)]."""
   proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  t0, samples, stop = time.time(), [], stop_after
+  t0, samples, stop = time.time(), [], stop_when
   while proc.poll() is None:
     rss = _rss_mib(proc.pid)
     if rss:
       samples.append((time.time() - t0, rss))
-    if stop is not None and time.time() - t0 > stop:
+    if stop is not None and stop():
       proc.send_signal(signal.SIGTERM)
       stop = None
     time.sleep(0.5)
@@ -158,11 +158,19 @@ def _run_and_sample(code, stop_after=None):
   return samples
 
 
+def _after_new_checkpoints(workdir, count: int):
+  """True once `count` checkpoints newer than the newest one now have appeared: the run is stepping, however
+  slow the machine (a signal sent after a fixed number of seconds can land during start-up on a busy one)."""
+  before = max(saved_steps(workdir), default=0)
+  return lambda: len([s for s in saved_steps(workdir) if s > before]) >= count
+
+
 @pytest.mark.slow
 def test_soak_thousands_of_steps_with_restarts(tmp_path, tokenizer_file):
   """2,000 tiny steps with a checkpoint every 100. Uninterrupted: host memory (RSS) from the first checkpoint to
   the end stays within 5% (a per-step leak of even one batch would break it). With SIGTERM at 3 random moments
-  and restarts: the final parameters equal the uninterrupted run's bitwise."""
+  of the stepping (after 1-4 new checkpoints of each restart) and restarts: the final parameters equal the
+  uninterrupted run's bitwise."""
   steps = 2000
   run = lambda workdir: run_code(tokenizer_file, workdir, total_steps=steps, ckpt_every=100, log_every=100)
   ref = tmp_path / "ref"
@@ -177,7 +185,7 @@ def test_soak_thousands_of_steps_with_restarts(tmp_path, tokenizer_file):
 
   workdir, rng, stops = tmp_path / "soak", random.Random(1), []
   for _ in range(3):
-    _run_and_sample(run(workdir), stop_after=rng.uniform(20, 60))
+    _run_and_sample(run(workdir), stop_when=_after_new_checkpoints(workdir, rng.randint(1, 4)))
     stops.append(max(saved_steps(workdir), default=0))
   assert stops[-1] < steps, stops
   _run_and_sample(run(workdir))
@@ -198,3 +206,82 @@ def test_soak_thousands_of_steps_with_restarts(tmp_path, tokenizer_file):
 def sharding_mesh():
   from beit_jax.train import sharding  # pylint: disable=import-outside-toplevel
   return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+
+
+_MAIN_CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+
+
+def get_config(arg=""):
+  return tiny_config({tok!r}, total_steps=12, ckpt_every=2)
+"""
+
+
+def _entry_point(config_file, workdir):
+  """`python -m beit_jax.main` on the tiny pre-training config, stderr read line by line into a list."""
+  import os  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.Popen([sys.executable, "-m", "beit_jax.main", f"--config={config_file}", f"--workdir={workdir}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=pathlib.Path(__file__).parent.parent)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+  reader.start()
+  return proc, lines, reader
+
+
+def _catches_sigterm(pid) -> bool:
+  """Whether the process has a SIGTERM handler now (Linux: the SigCgt mask of /proc/PID/status)."""
+  try:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+  except FileNotFoundError:
+    return False
+  caught = next(l for l in status.splitlines() if l.startswith("SigCgt:")).split()[1]
+  return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def _wait_for(condition, proc, what: str, timeout: float = 600):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}"
+    assert time.time() < deadline, f"no {what} after {timeout} s"
+    time.sleep(0.01)
+
+
+def test_sigterm_at_start_up_and_in_the_first_compile_exits_0_and_the_rerun_is_bitwise_equal(tmp_path,
+                                                                                            tokenizer_file):
+  """A preemption notice at any moment of a run of the entry point (issue 22): at start-up (the moment the
+  process has a SIGTERM handler, before jax is imported) and while the first step compiles (the loop's
+  "compiling" line). Each exits 0, the first with nothing saved (and saying so), the second with the checkpoint
+  of the step it was in; no temporary checkpoint or lock is left behind, and each rerun ends bitwise equal to an
+  uninterrupted run. The signals follow observed progress, not seconds, so a busy machine cannot break this."""
+  ref = pretrain.train_and_evaluate(tiny_config(tokenizer_file, total_steps=12, ckpt_every=2), tmp_path / "ref")
+  config_file = tmp_path / "tiny_pretrain.py"
+  config_file.write_text(_MAIN_CONFIG.format(tests=str(pathlib.Path(__file__).parent), tok=str(tokenizer_file)))
+  moments = {"start-up": lambda proc, lines: _catches_sigterm(proc.pid),
+             "first compile": lambda proc, lines: any("compiling the step" in l for l in lines)}
+  for moment, reached in moments.items():
+    workdir = tmp_path / moment.replace(" ", "_")
+    proc, lines, reader = _entry_point(config_file, workdir)
+    _wait_for(lambda: reached(proc, lines), proc, moment)  # pylint: disable=cell-var-from-loop
+    if moment == "start-up":
+      assert "jaxlib" not in pathlib.Path(f"/proc/{proc.pid}/maps").read_text(), "jax was loaded before the handler"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=600)
+    reader.join(timeout=60)
+    err = "".join(lines)
+    assert proc.returncode == 0, f"{moment}: exit {proc.returncode}\n{err[-3000:]}"
+    saved = saved_steps(workdir)
+    if moment == "start-up":
+      assert "nothing new to save" in err and not saved, (saved, err[-3000:])
+    else:
+      assert "SIGTERM: stopped after the checkpoint of step" in err and saved and max(saved) < 12, (saved, err[-3000:])
+    leftovers = [p.name for p in (workdir / "checkpoints").glob("*") if not p.name.isdigit()] \
+        if (workdir / "checkpoints").exists() else []
+    assert not [n for n in leftovers if "tmp" in n], leftovers
+    resumed = pretrain.train_and_evaluate(tiny_config(tokenizer_file, total_steps=12, ckpt_every=2), workdir)
+    assert_bitwise_equal(ref, resumed)
+    print(f"SIGTERM at {moment}: exit 0, checkpoints {sorted(saved)}; the rerun is bitwise equal at step 12")

@@ -12,7 +12,6 @@ import fcntl
 import logging
 import os
 import pathlib
-import signal
 import socket
 
 import jax
@@ -276,19 +275,3 @@ def resume(workdir, config, state, total_steps: int):
     raise ValueError(f"{ckpts.directory} holds a checkpoint at step {start}, past this config's {total_steps} "
                      "steps: use a new workdir, or set config.total_steps to at least that step")
   return ckpts, state, start
-
-
-class Preemption:
-  """SIGTERM (preemption, `kill`) asks a training loop to checkpoint and stop at the next step."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and stopping after this step")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._old)

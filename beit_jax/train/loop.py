@@ -1,45 +1,56 @@
 """The step loop every training mode shares: what happens around the step, never the step itself.
 
-Each mode (tokenizer.py, pretrain.py, finetune.py, linear_probe.py) builds its state, its jitted step and its
-batches, then hands them here: one step per iteration, the clu hooks (progress, profiler), the mean of the
-step metrics every `config.log_every` steps (where a non-finite loss stops the run, naming the step, with the
-last checkpoint intact), a checkpoint every `config.ckpt_every` steps and at the end, and SIGTERM
-(preemption) answered by a checkpoint and a clean stop. `after_step` adds mode-specific work (the tokenizer's
-periodic evaluation) and may return figures for the last log.
+Each training mode (tokenizer.py, pretrain.py, finetune.py, linear_probe.py, segmentation.py) builds its state,
+its jitted step and its batches, then hands them here: one step per iteration, the clu hooks (progress,
+profiler), the mean of the step metrics every `config.log_every` steps (where a non-finite loss stops the run,
+naming the step, with the last checkpoint intact), a checkpoint every `config.ckpt_every` steps and at the end,
+and SIGTERM (preemption, train/preemption.py) answered by a checkpoint and a clean stop. `after_step` adds
+mode-specific work (the tokenizer's periodic evaluation) and may return figures for the last log.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping, Optional
 
-from beit_jax.train import checkpoints, metrics
+from beit_jax.train import checkpoints, metrics, preemption
 
 
 def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, start: int, steps: int,
         ckpts: checkpoints.TrainCheckpoints, writer, hooks, meta: Callable[[int], dict],
         after_step: Optional[Callable[[int, Any], Optional[Mapping[str, float]]]] = None) -> tuple[Any, dict]:
   """Steps start+1..steps of `step_fn(step, state) -> (state, step metrics)`; returns (state, last logged
-  metrics). Closes `ckpts` (waiting for its last save) and flushes `writer` however it ends."""
-  preempt = checkpoints.Preemption()
+  metrics). Closes `ckpts` (waiting for its last save) and flushes `writer` however it ends. A SIGTERM that came
+  before the first step (start-up, data, the set-up before it; see train/preemption.py) stops the run before it:
+  nothing new to save. One during a step (the first one's compile included) stops it after that step's
+  checkpoint."""
   history, last = [], {}
-  try:
-    for step in range(start + 1, steps + 1):
-      state, out = step_fn(step, state)
-      history.append(out)
-      for hook in hooks:
-        hook(step)
-      if step % config.log_every == 0 or step == steps or preempt.requested:
-        metrics.check_finite(state, ckpts.latest_step())
-        last = metrics.mean_of(history)
-        history = []
-        writer.write_scalars(step, last)
-      if after_step is not None:
-        last.update(after_step(step, state) or {})
-      if step % config.ckpt_every == 0 or step == steps or preempt.requested:
-        ckpts.save(step, state, meta(step))
-      if preempt.requested:
-        break
-  finally:
-    preempt.restore()
-    ckpts.close()
-    writer.flush()
+  with preemption.listening():
+    try:
+      for step in range(start + 1, steps + 1):
+        if step == start + 1 and preemption.requested():
+          logging.warning("SIGTERM before step %d, the first of this run: stopping with nothing new to save "
+                          "(the newest checkpoint: %s)", step, ckpts.latest_step())
+          break
+        if step == start + 1:
+          logging.info("step %d, the first of this run: compiling the step", step)
+        state, out = step_fn(step, state)
+        history.append(out)
+        for hook in hooks:
+          hook(step)
+        stop = preemption.requested()
+        if step % config.log_every == 0 or step == steps or stop:
+          metrics.check_finite(state, ckpts.latest_step())
+          last = metrics.mean_of(history)
+          history = []
+          writer.write_scalars(step, last)
+        if after_step is not None:
+          last.update(after_step(step, state) or {})
+        if step % config.ckpt_every == 0 or step == steps or stop:
+          ckpts.save(step, state, meta(step))
+        if stop:
+          logging.warning("SIGTERM: stopped after the checkpoint of step %d of %d", step, steps)
+          break
+    finally:
+      ckpts.close()
+      writer.flush()
   return state, last
