@@ -476,7 +476,12 @@ def run_torch(args, step_name: str) -> dict:
         logits = net(images, mask)
       return F.cross_entropy(logits.float(), ids[mask]), params, 3.0
   elif step_name == "miniature":
-    from taming.modules.diffusionmodules.model import Encoder  # pylint: disable=import-outside-toplevel
+    import math  # pylint: disable=import-outside-toplevel
+    from taming.modules.diffusionmodules import model as taming_model  # pylint: disable=import-outside-toplevel
+    # Ours takes gcd(32, channels) GroupNorm groups (vqgan.GroupNorm); taming's 32 do not divide 16 channels.
+    taming_model.Normalize = lambda channels: torch.nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6,
+                                                                 affine=True)
+    Encoder = taming_model.Encoder  # pylint: disable=invalid-name
     from timm.models.beit import Beit  # pylint: disable=import-outside-toplevel
     from beit_jax import models  # pylint: disable=import-outside-toplevel
     from beit_jax.data import masking  # pylint: disable=import-outside-toplevel

@@ -26,7 +26,6 @@ def get_config(init: str = ""):
   # Flips only: at these budgets random-resized crops cost more than they regularise (600 labels, 150 steps:
   # crops of (0.5, 1) gave 44.1% from scratch and 70.8% from BEiT, whole images 50.9% and 73.1%).
   c.data.augment = {"crop_scale": (1.0, 1.0), "rand_augment": None, "erase_prob": 0.0}
-  c.data.threads = 1  # see configs/fmnist_pretrain.py
   c.mixup = None  # label smoothing 0.1 stays
   c.batch_size = 64
   c.total_steps = 300

@@ -19,7 +19,6 @@ def get_config(arg: str = ""):
   c.data.source = "fashion_mnist_files"
   c.data.split, c.data.eval_split = "train", "test"
   c.data.crop_scale = (0.6, 1.0)
-  c.data.threads = 1  # see configs/fmnist_pretrain.py
   c.loss.perceptual_weight = 0.0 if arg == "pixel" else 0.5
   if arg in ("", "pixel"):
     c.loss.perceptual.source, c.loss.perceptual.layers = "name:beit_test_tiny", (1, 2)
