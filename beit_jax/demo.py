@@ -66,9 +66,9 @@ class Scale:
 
 
 SCALES = {
-    # `make demo` (~20 min): the full run's checks at 1% and 10% labels, one seed, no compute-matched arm, the
-    # probes on a third of the training images, and masked-token accuracy asked to reach 1.5x the per-position
-    # guess after 800 pre-training steps (the full run's 1,200 are asked for 2x).
+    # `make demo` (21:36 on 2 cores, BENCHMARKS.md): the full run's checks at 1% and 10% labels, one seed, no
+    # compute-matched arm, the probes on a third of the training images, and masked-token accuracy asked to reach
+    # 1.5x the per-position guess after 800 pre-training steps (the full run's 1,200 are asked for 2x).
     "demo": Scale(tokenizer_steps=150, pretrain_steps=800, finetune_steps={0.01: 100, 0.1: 150}, seeds=(0,),
                   probe_steps=150, matched=(), probe_split="train[:20000]", mim_ratio=1.5, curve_points=5),
     # The recorded table (BENCHMARKS.md): 1%, 10% and all labels, 3 seeds, every arm.
@@ -454,7 +454,7 @@ def draw_masked_predictions(path, workdir: str, arms: dict[str, str], num_images
 
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/beit_demo", "where the runs go")
-_SCALE = flags.DEFINE_enum("scale", "demo", list(SCALES), "demo: ~20 min; full: the recorded table (~2 h)")
+_SCALE = flags.DEFINE_enum("scale", "demo", list(SCALES), "demo: ~22 min on 2 cores; full: the recorded table (~2 h)")
 
 
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "print the table of what the workdir holds, run nothing")

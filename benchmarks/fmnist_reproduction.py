@@ -4,8 +4,8 @@
   python benchmarks/fmnist_reproduction.py [--workdir=/tmp/fmnist_reproduction] [--scale=full]
 
 What runs, and why each arm is honest (compute-matched supervised baseline, floors, trivial MIM baselines):
-beit_jax/demo.py. About 2 hours on a 2-core CPU (2026-11-24: 8,687 s of stages, partly shared with other jobs); a rerun with
-the same workdir resumes.
+beit_jax/demo.py. Not yet timed on the issue-19 recipe (the demo scale's stages, BENCHMARKS.md, put it at
+roughly an hour and a half on 2 cores); a rerun with the same workdir resumes.
 """
 from __future__ import annotations
 
