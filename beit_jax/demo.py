@@ -56,7 +56,8 @@ class Scale:
   matched: tuple[float, ...]  # the fractions that get the compute-matched supervised arm
   probe_split: str = "train"  # the linear probes' labelled images
   mim_ratio: float = 2.0  # check "mim": masked-token accuracy over the best per-position constant guess
-  curve_points: int = 6  # learning-curve evaluations per fine-tuning run of seed 0 (on CURVE_SPLIT)
+  curve_points: int = 6  # learning-curve evaluations per fine-tuning run of seed 0, on curve_split
+  curve_split: str = "test[:2000]"  # the learning curves' held-out subset (the table's figures use all 10,000)
 
   @property
   def probe_seeds(self) -> tuple[int, ...]:
@@ -66,16 +67,18 @@ class Scale:
 
 
 SCALES = {
-    # `make demo` (21:36 on 2 cores, BENCHMARKS.md): the full run's checks at 1% and 10% labels, one seed, no
-    # compute-matched arm, the probes on a third of the training images, and masked-token accuracy asked to reach
-    # 1.5x the per-position guess after 800 pre-training steps (the full run's 1,200 are asked for 2x).
-    "demo": Scale(tokenizer_steps=150, pretrain_steps=800, finetune_steps={0.01: 100, 0.1: 150}, seeds=(0,),
-                  probe_steps=150, matched=(), probe_split="train[:20000]", mim_ratio=1.5, curve_points=5),
+    # `make demo` (<= 20 min on 2 cores, BENCHMARKS.md): the full run's checks at 1% and 10% labels, one seed, no
+    # compute-matched arm, the probes on a sixth of the training images, learning curves of 4 points on 1,000
+    # held-out images, and masked-token accuracy asked to reach 1.5x the per-position guess after 800
+    # pre-training steps (the full run's 1,200 are asked for 2x). The time goes to the steps: the tokenizers'
+    # 120, pre-training's 2 x 800, fine-tuning's 6 x 100-150 (the stage times are in BENCHMARKS.md).
+    "demo": Scale(tokenizer_steps=120, pretrain_steps=800, finetune_steps={0.01: 100, 0.1: 150}, seeds=(0,),
+                  probe_steps=150, matched=(), probe_split="train[:10000]", mim_ratio=1.5, curve_points=4,
+                  curve_split="test[:1000]"),
     # The recorded table (BENCHMARKS.md): 1%, 10% and all labels, 3 seeds, every arm.
     "full": Scale(tokenizer_steps=300, pretrain_steps=1200, finetune_steps={0.01: 100, 0.1: 200, 1.0: 500},
                   seeds=(0, 1, 2), probe_steps=150, matched=(0.01, 0.1, 1.0)),
 }
-CURVE_SPLIT = "test[:2000]"  # the learning curves' held-out subset (the table's figures use all 10,000)
 
 
 def config_file(name: str, arg: str = ""):
@@ -171,7 +174,7 @@ class Chain:
       c.model.overrides = {**dict(c.model.overrides), "head_init_scale": 1.0}
     c = with_steps(c, self.scale.finetune_steps[fraction] + extra_steps)
     if seed == self.scale.seeds[0]:  # the learning curve of the figure
-      c.eval_every, c.eval_every_split = max(1, c.total_steps // self.scale.curve_points), CURVE_SPLIT
+      c.eval_every, c.eval_every_split = max(1, c.total_steps // self.scale.curve_points), self.scale.curve_split
     m = self.stage(f"{arm}_finetune_{fraction:g}_seed{seed}", c)
     self.log(f"{arm} fine-tuned on {c.data.split} (seed {seed}, {c.total_steps} steps): held-out top-1 "
              f"{100 * m['eval_top1']:.1f}%")
@@ -419,7 +422,7 @@ def draw_figures(workdir: str, results: dict[str, dict[str, Any]], scale: Scale,
       floors[name] = results[f"pixels_logreg_{f:g}_seed{seed}"]["eval_top1"]
   written = [figures.save_path(workdir, "curves.png")]
   figures.draw_curves(written[0], panels, floors=floors, pretrain_images=pre_images,
-                      ylabel=f"held-out top-1 on {CURVE_SPLIT} (%)")
+                      ylabel=f"held-out top-1 on {scale.curve_split} (%)")
   written.append(figures.save_path(workdir, "masked_predictions.png"))
   draw_masked_predictions(written[-1], workdir, {"BEiT": "beit", "PeCo": "peco"})
   return written
