@@ -7,12 +7,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
-# CI=true (set by .ci/run) runs the fast suite; the `slow` marker is for heavy tests run by hand.
+# `make test` runs the whole suite, the slow-marked tests (the 20-minute demo, the soak) included; CI=true (set by
+# .ci/run) leaves those out. README "Tests" has the times of both.
 PYTEST_ARGS ?= $(if $(filter true,$(CI)),-m "not slow",)
 
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= /tmp/beit_demo
-.PHONY: venv data demo test test-all bench gpu-wheels clean
+.PHONY: venv data demo test bench gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -39,9 +40,6 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(PY) -m pytest tests -n 2 --durations=10 $(PYTEST_ARGS)
-
-test-all: $(STAMP) data
-	$(PY) -m pytest tests -n 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py

@@ -433,7 +433,7 @@ def draw_masked_predictions(path, workdir: str, arms: dict[str, str], num_images
   pre-trained model and tokenizer (figures.masked_predictions)."""
   from beit_jax import figures, tokenizers  # pylint: disable=import-outside-toplevel
   from beit_jax.data import pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  from beit_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
+  from beit_jax import model_files  # pylint: disable=import-outside-toplevel
   cfg = config_file("fmnist_pretrain")
   d = cfg.data
   batch = next(pipelines.eval_batches(
@@ -445,7 +445,7 @@ def draw_masked_predictions(path, workdir: str, arms: dict[str, str], num_images
   outs, mask = {}, None
   for label, short in arms.items():
     work = pathlib.Path(workdir)
-    model = checkpoints.load_model(work / f"{short}_pretrain" / "model")
+    model = model_files.load_model(work / f"{short}_pretrain" / "model")
     model.eval()
     tok = tokenizers.load("peco", checkpoint=work / f"{short}_tokenizer" / "tokenizer")
     spec = pipelines.MaskSpec(grid=model.config.grid, **dict(d.mask))

@@ -3,19 +3,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from beit_jax import models
-from beit_jax.train import checkpoints
+from beit_jax import model_files, models
 
 
 def test_save_load_round_trip_with_numerics_overrides(tmp_path):
   model = models.create_model("beit_test_tiny", num_classes=4, seed=3)
-  checkpoints.save_model(tmp_path / "m", model, step=5)
+  model_files.save_model(tmp_path / "m", model, step=5)
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
-  back = checkpoints.load_model(tmp_path / "m")
+  back = model_files.load_model(tmp_path / "m")
   assert back.config == model.config
   np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(model(x)))
   # Numerics can change on load; drop path then needs real RNG state, not shapes.
-  train = checkpoints.load_model(tmp_path / "m", drop_path_rate=0.5, dtype="bfloat16")
+  train = model_files.load_model(tmp_path / "m", drop_path_rate=0.5, dtype="bfloat16")
   assert train.config.dtype == "bfloat16"
   train.train()
   assert not np.allclose(np.asarray(train(x)), np.asarray(train(x)))
@@ -26,13 +25,13 @@ def test_save_load_round_trip_with_numerics_overrides(tmp_path):
 def test_latest_step_and_errors(tmp_path):
   model = models.create_model("beit_test_tiny", num_classes=4, seed=0)
   other = models.create_model("beit_test_tiny", num_classes=4, seed=1)
-  checkpoints.save_model(tmp_path / "m", model, step=1)
-  checkpoints.save_model(tmp_path / "m", other, step=2)
+  model_files.save_model(tmp_path / "m", model, step=1)
+  model_files.save_model(tmp_path / "m", other, step=2)
   x = np.ones((1, 32, 32, 3), np.float32)
-  np.testing.assert_array_equal(np.asarray(checkpoints.load_model(tmp_path / "m")(x)), np.asarray(other(x)))
-  np.testing.assert_array_equal(np.asarray(checkpoints.load_model(tmp_path / "m", step=1)(x)), np.asarray(model(x)))
+  np.testing.assert_array_equal(np.asarray(model_files.load_model(tmp_path / "m")(x)), np.asarray(other(x)))
+  np.testing.assert_array_equal(np.asarray(model_files.load_model(tmp_path / "m", step=1)(x)), np.asarray(model(x)))
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    checkpoints.load_model(tmp_path / "nope")
+    model_files.load_model(tmp_path / "nope")
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no complete checkpoint step"):
-    checkpoints.load_model(tmp_path / "empty")
+    model_files.load_model(tmp_path / "empty")

@@ -10,9 +10,8 @@ import pytest
 import torch
 from flax import nnx
 
-from beit_jax import convert, models
+from beit_jax import convert, model_files, models
 from beit_jax.convert import cli
-from beit_jax.train import checkpoints
 from conftest import assert_parity, randomize_torch, torch_state_dict
 
 
@@ -113,7 +112,7 @@ def test_cli_pth_to_orbax_to_safetensors(tmp_path, timm_model):
   src = tmp_path / "timm.pth"
   torch.save(timm_model.state_dict(), src)
   assert cli.main([str(src), str(tmp_path / "ckpt")]) == 0
-  restored = checkpoints.load_model(tmp_path / "ckpt")
+  restored = model_files.load_model(tmp_path / "ckpt")
   assert_parity(restored(nhwc(1)), run_torch(timm_model, nhwc(1)), what="logits after .pth -> orbax -> load")
   out = tmp_path / "back.safetensors"
   assert cli.main([str(tmp_path / "ckpt"), str(out)]) == 0
@@ -131,7 +130,7 @@ def test_cli_resizes_and_reports_errors(tmp_path, timm_model):
   src = tmp_path / "timm.pth"
   torch.save(timm_model.state_dict(), src)
   assert cli.main([str(src), str(tmp_path / "r48"), "--img-size", "48", "--rel-pos-interp", "linear"]) == 0
-  assert checkpoints.load_model(tmp_path / "r48").blocks[0].attn.rel_pos.table.shape == (11 * 11 + 3, 2)
+  assert model_files.load_model(tmp_path / "r48").blocks[0].attn.rel_pos.table.shape == (11 * 11 + 3, 2)
   exe = pathlib.Path(sys.executable).with_name("beit-convert")
   res = subprocess.run([str(exe), str(tmp_path / "missing.pth"), str(tmp_path / "x")], capture_output=True,
                        text=True, check=False)

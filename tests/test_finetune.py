@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from beit_jax import configs, convert, models
+from beit_jax import configs, convert, model_files, models
 from beit_jax.data import mixup
 from beit_jax.models.heads import probe_features
-from beit_jax.train import checkpoints, finetune, linear_probe, metrics, optim, pretrain, sharding
+from beit_jax.train import finetune, linear_probe, metrics, optim, pretrain, sharding
 from conftest import tiny_config
 
 
@@ -86,7 +86,7 @@ def test_finetune_starts_from_the_pretrained_backbone(tmp_path, tokenizer_file):
   """A pre-training run's model -> fine-tuning: the shared table copied into every block, the backbone's
   weights as pre-trained, the MIM head dropped, a fresh classification head at 0.001 of its init scale."""
   pretrain.train_and_evaluate(tiny_config(tokenizer_file, total_steps=2, ckpt_every=2), tmp_path / "pre")
-  pre = nnx.state(checkpoints.load_model(tmp_path / "pre" / "model"), nnx.Param)
+  pre = nnx.state(model_files.load_model(tmp_path / "pre" / "model"), nnx.Param)
   cfg = finetune.model_config(ft_config(), num_classes=10)
   model = finetune.init_model(f"checkpoint:{tmp_path / 'pre' / 'model'}", cfg, seed=0)
   assert model.rel_pos is None and model.head is not None

@@ -406,13 +406,14 @@ def test_perceptual_network_from_a_timm_checkpoint_gives_timms_block_outputs(tmp
 
 
 def test_perceptual_network_from_our_checkpoint_and_the_loop_config(tmp_path):
-  """`checkpoint:DIR` (a model saved by `checkpoints.save_model`, as pre-training saves it) through the tokenizer
+  """`checkpoint:DIR` (a model saved by `model_files.save_model`, as pre-training saves it) through the tokenizer
   loop's config parsing: the same features as the model that was saved; a missing path or kind is named."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from beit_jax import models  # pylint: disable=import-outside-toplevel
-  from beit_jax.train import checkpoints, tokenizer as tokenizer_loop  # pylint: disable=import-outside-toplevel
+  from beit_jax import model_files  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import tokenizer as tokenizer_loop  # pylint: disable=import-outside-toplevel
   model = models.create_model("beit_test_tiny", seed=5)
-  checkpoints.save_model(tmp_path / "ssl", model)
+  model_files.save_model(tmp_path / "ssl", model)
   config = ml_collections.ConfigDict({"loss": {"perceptual_weight": 1.0, "perceptual": {
       "source": f"checkpoint:{tmp_path / 'ssl'}", "layers": (2,)}}})
   loaded = tokenizer_loop.perceptual_loss(config)

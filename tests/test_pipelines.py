@@ -174,6 +174,20 @@ def test_errors_name_what_was_asked(tmp_path, fmnist_train):
     sources.get_source(f"fashion_mnist_files:{tmp_path}", "train")
   with pytest.raises(ValueError, match="unknown tfds dataset 'no_such_dataset_xyz'"):
     sources.get_source("tfds:no_such_dataset_xyz", "train")
+  # A typo in the kind names the kinds (it used to become a tfds lookup of "foldr:..."); a bare name is tfds's.
+  with pytest.raises(ValueError, match=r"unknown source kind 'foldr'; the kinds are \['fashion_mnist_files', "
+                                       r"'folder', 'tfds'\]"):
+    sources.get_source(f"foldr:{tmp_path}", "train")
+  with pytest.raises(ValueError, match="unknown tfds dataset 'no_such_dataset_xyz'"):
+    sources.get_source("no_such_dataset_xyz", "train")
+  with pytest.raises(ValueError, match=r"'folder:ROOT' needs a ROOT"):
+    sources.get_source("folder:", "train")
+  with pytest.raises(ValueError, match="is no segmentation source"):
+    sources.get_seg_source("ade2k:/x", "training")
+  with pytest.raises(ValueError, match=r"data.mask.kind='blockwize': use one of \['blockwise', 'random'\]"):
+    pipelines.MaskSpec(kind="blockwize")
+  random = pipelines.MaskSpec(grid=(4, 4), num_masked=6, kind="random").make(0, np.arange(3), epoch=0)
+  assert random.shape == (3, 4, 4) and (random.sum((1, 2)) == 6).all()
   with pytest.raises(ValueError, match="lower the batch size"):
     next(pipelines.train_batches(fmnist_train, pipelines.eval_transform(image_size=28), host_batch=70000, seed=0))
 

@@ -15,10 +15,10 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from beit_jax import models
+from beit_jax import model_files, models
 from beit_jax.data import pipelines, sources
 from beit_jax.models import segmentation
-from beit_jax.train import checkpoints, optim, seg_eval
+from beit_jax.train import optim, seg_eval
 from beit_jax.train import segmentation as seg_train
 
 NUM_CLASSES = 11  # background + 10 garments
@@ -209,7 +209,7 @@ def test_segmentation_trainer_learns_and_eval_mode_agrees(tmp_path):
   again = seg_train.evaluate_checkpoint(c, tmp_path / "eval")
   np.testing.assert_array_equal(again["confusion"], out["confusion"])
   with pytest.raises(ValueError, match="holds no segmentation model"):
-    checkpoints.save_model(tmp_path / "backbone", models.create_model("beit_test_small"))
+    model_files.save_model(tmp_path / "backbone", models.create_model("beit_test_small"))
     seg_train.evaluate_checkpoint(seg_config(mode="seg_eval", init=f"checkpoint:{tmp_path / 'backbone'}"),
                                   tmp_path / "eval2")
 
@@ -219,7 +219,7 @@ def test_backbone_from_a_checkpoint_at_another_resolution(tmp_path):
   the 96 px crops), the MIM head dropped, the adapter and heads freshly initialised."""
   saved = models.create_model("beit_test_small", seed=3, use_shared_rel_pos_bias=True, use_rel_pos_bias=False,
                               use_mask_token=True, vocab_size=32)  # a pre-training layout
-  checkpoints.save_model(tmp_path / "pt", saved)
+  model_files.save_model(tmp_path / "pt", saved)
   c = seg_config(init=f"checkpoint:{tmp_path / 'pt'}")
   c.model.overrides = {"img_size": 96}
   c.data.image_size = c.data.crop_size = 96

@@ -12,7 +12,7 @@ import pathlib
 import sys
 
 from beit_jax.convert import pytorch
-from beit_jax.train import checkpoints
+from beit_jax import model_files
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
   if _is_orbax(src):
     if dst.suffix != ".safetensors":
       raise SystemExit(f"beit-convert: from a beit_jax checkpoint the destination must be .safetensors, got {dst}")
-    model = checkpoints.load_model(src)
+    model = model_files.load_model(src)
     pytorch.save_timm_safetensors(model, dst)
   else:
     model = pytorch.load_pytorch_checkpoint(src, rel_pos_interp=args.rel_pos_interp, **overrides)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       if dst.exists() and any(dst.iterdir()):
         raise SystemExit(f"beit-convert: {dst} exists and is not empty; refusing to overwrite")
-      checkpoints.save_model(dst, model)
+      model_files.save_model(dst, model)
   cfg = model.config
   print(f"wrote {dst}: {cfg.depth} blocks, width {cfg.width}, {cfg.num_heads} heads, {cfg.img_size}px, "
         f"classes={cfg.num_classes} vocab={cfg.vocab_size}")

@@ -155,9 +155,6 @@ def random_masks(seed: int, indices: Sequence[int] | np.ndarray, grid: tuple[int
   return mask.reshape(-1, *grid)
 
 
-MASKERS = {"blockwise": blockwise_masks, "random": random_masks}
-
-
 def reference_blockwise_mask(rng: random.Random, grid: tuple[int, int] = (14, 14), num_masked: int = 75,
                              min_block: int = 16, min_aspect: float = 0.3,
                              max_block: int | None = None) -> np.ndarray:

@@ -59,22 +59,30 @@ class Shard:
     return cls(jax.process_index(), jax.process_count())
 
 
+# The config's data.mask.kind -> the masks of (spec, seed, indices, epoch): each masker reads the fields it uses.
+MASKERS = {
+    "blockwise": lambda m, seed, indices, epoch: masking.blockwise_masks(
+        seed, indices, m.grid, m.num_masked, m.min_block, m.min_aspect, epoch=epoch),
+    "random": lambda m, seed, indices, epoch: masking.random_masks(seed, indices, m.grid, m.num_masked,
+                                                                   epoch=epoch),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
-  """Which masks a pre-training batch carries (see masking.py); `kind` is "blockwise" or "random"."""
+  """Which masks a pre-training batch carries (see masking.py); `kind` is a key of MASKERS."""
   grid: tuple[int, int] = (14, 14)
   num_masked: int = 75
   min_block: int = 16
   min_aspect: float = 0.3
   kind: str = "blockwise"
 
+  def __post_init__(self):  # at config time, not in a tf.data worker after the compile
+    if self.kind not in MASKERS:
+      raise ValueError(f"data.mask.kind={self.kind!r}: use one of {sorted(MASKERS)}")
+
   def make(self, seed: int, indices: np.ndarray, epoch: int) -> np.ndarray:
-    if self.kind == "blockwise":
-      return masking.blockwise_masks(seed, indices, self.grid, self.num_masked, self.min_block, self.min_aspect,
-                                     epoch=epoch)
-    if self.kind == "random":
-      return masking.random_masks(seed, indices, self.grid, self.num_masked, epoch=epoch)
-    raise ValueError(f"mask kind {self.kind!r}: use one of {sorted(masking.MASKERS)}")
+    return MASKERS[self.kind](self, seed, indices, epoch)
 
 
 # -- decoding ----------------------------------------------------------------------------------------------------

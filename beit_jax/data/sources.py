@@ -234,18 +234,31 @@ def _deterministic() -> tf.data.Options:
   return options
 
 
+def _root(arg: str, spec: str, what: str) -> str:
+  if not arg:
+    raise ValueError(f"data.source='{spec}:ROOT' needs a ROOT ({what})")
+  return arg
+
+
+# A spec's kind (before the first ":") -> the source of (arg, split, data_dir): the one table get_source reads.
+SOURCES = {
+    "fashion_mnist_files": lambda arg, split, data_dir: fashion_mnist_files(split, arg or FASHION_MNIST_DIR),
+    "folder": lambda arg, split, data_dir: image_folder(_root(arg, "folder", "the folder of <split>/<class>/"),
+                                                        split),
+    "tfds": lambda arg, split, data_dir: tfds_source(arg, split, data_dir),
+}
+
+
 def get_source(spec: str, split: str, data_dir: Optional[str] = None) -> Source:
-  """The source named by `spec` (see the module docstring)."""
-  kind, _, arg = spec.partition(":")
-  if kind == "fashion_mnist_files":
-    return fashion_mnist_files(split, arg or FASHION_MNIST_DIR)
-  if kind == "folder":
-    if not arg:
-      raise ValueError("data.source='folder:ROOT' needs a ROOT")
-    return image_folder(arg, split)
-  if kind == "tfds":
-    return tfds_source(arg, split, data_dir)
-  return tfds_source(spec, split, data_dir)
+  """The source named by `spec` (see the module docstring). A bare name is a tfds name; a kind before a ":"
+  that is not in SOURCES is an error (not a tfds lookup of "kind:..." that would fail far from the typo)."""
+  kind, sep, arg = spec.partition(":")
+  if kind not in SOURCES:
+    if sep:
+      raise ValueError(f"data.source={spec!r}: unknown source kind {kind!r}; the kinds are {sorted(SOURCES)} "
+                       "(a tfds name with a version: 'tfds:NAME:VERSION')")
+    kind, arg = "tfds", spec
+  return SOURCES[kind](arg, split, data_dir)
 
 
 # -- Semantic segmentation ------------------------------------------------------------------------------------------
@@ -343,19 +356,21 @@ def tfds_seg_source(name: str, split: str, data_dir: Optional[str] = None, num_c
   return Source(f"tfds:{name}", split, num, num_classes, True, read)
 
 
+SEG_SOURCES = {
+    "ade20k": lambda arg, split, data_dir: ade20k_folder(
+        _root(arg, "ade20k", "the unzipped ADEChallengeData2016"), split),
+    "fmnist_composite": lambda arg, split, data_dir: fmnist_composite(split, arg or FASHION_MNIST_DIR),
+}
+
+
 def get_seg_source(spec: str, split: str, data_dir: Optional[str] = None, num_classes: int = 0) -> Source:
   """The segmentation source named by `spec` (see the module docstring); `num_classes` > 0 overrides the
   source's count (a tfds dataset that does not record it)."""
   kind, _, arg = spec.partition(":")
-  if kind == "ade20k":
-    if not arg:
-      raise ValueError("data.source='ade20k:ROOT' needs a ROOT (the unzipped ADEChallengeData2016)")
-    source = ade20k_folder(arg, split)
-  elif kind == "fmnist_composite":
-    source = fmnist_composite(split, arg or FASHION_MNIST_DIR)
-  elif kind == "tfds":
+  if kind == "tfds":  # tfds_seg_source takes the count itself: some tfds datasets do not record it
     return tfds_seg_source(arg, split, data_dir, num_classes)
-  else:
+  if kind not in SEG_SOURCES:
     raise ValueError(f"data.source={spec!r} is no segmentation source: use 'ade20k:ROOT', "
                      "'fmnist_composite' or 'tfds:NAME'")
+  source = SEG_SOURCES[kind](arg, split, data_dir)
   return dataclasses.replace(source, num_classes=num_classes) if num_classes else source

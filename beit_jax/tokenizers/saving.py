@@ -11,7 +11,7 @@ import pathlib
 from flax import nnx
 
 from beit_jax.tokenizers import vqgan
-from beit_jax.train import checkpoints
+from beit_jax import model_files
 
 
 def _arrays(tok: vqgan.PecoTokenizer):
@@ -20,13 +20,13 @@ def _arrays(tok: vqgan.PecoTokenizer):
 
 
 def save_peco(directory: str | pathlib.Path, tok: vqgan.PecoTokenizer, step: int = 0) -> None:
-  checkpoints.save_with_config(directory, step, tree_item="state", tree=_arrays(tok),
+  model_files.save_with_config(directory, step, tree_item="state", tree=_arrays(tok),
                                config_item="tokenizer_config", config=tok.config.to_dict())
 
 
 def load_peco(checkpoint: str | pathlib.Path, step: int | None = None, **overrides) -> vqgan.PecoTokenizer:
   """`tokenizers.load("peco", checkpoint=DIR)`: the latest (or given) step; `overrides` change numerics only."""
-  step, raw = checkpoints.read_config(checkpoint, step, config_item="tokenizer_config",
+  step, raw = model_files.read_config(checkpoint, step, config_item="tokenizer_config",
                                       what="PeCo tokenizer checkpoint")
   fields = {f.name for f in dataclasses.fields(vqgan.PecoConfig)}
   cfg = vqgan.PecoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
@@ -34,7 +34,7 @@ def load_peco(checkpoint: str | pathlib.Path, step: int | None = None, **overrid
   # Real modules (RNG streams need values), their arrays then replaced by the trained ones.
   tok = vqgan.PecoTokenizer(cfg, rngs=nnx.Rngs(0))
   state = nnx.state(tok, nnx.Not(nnx.RngState))
-  nnx.replace_by_pure_dict(state, checkpoints.restore_tree(checkpoint, step, tree_item="state",
+  nnx.replace_by_pure_dict(state, model_files.restore_tree(checkpoint, step, tree_item="state",
                                                            like=nnx.to_pure_dict(state)))
   nnx.update(tok, state)
   tok.eval()

@@ -1,13 +1,10 @@
-"""Model checkpoints with orbax: what `beit-convert` writes and the training loops restore.
+"""Training-state checkpoints with orbax: save, resume, and the lock that keeps one run per workdir.
 
-Layout: an orbax CheckpointManager directory; each step holds the items `params` (the nnx.Param state as a
-nested dict) and `model_config` (the BeitConfig as JSON). Orbax writes each step to a temporary folder and
-renames it when complete, so a crash never leaves a half-written step that looks finished.
+The model files a run leaves behind (and `beit-convert` writes) are beit_jax/model_files.py.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import logging
 import os
@@ -16,108 +13,12 @@ import socket
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from beit_jax.models import segmentation
-from beit_jax.models.beit import Beit, BeitConfig, make_rngs
+from beit_jax import model_files
 
 
-def _manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(),
-                               options=ocp.CheckpointManagerOptions(create=True, max_to_keep=None))
-
-
-# A tree of arrays plus the JSON config that rebuilds its module: the format of converted models
-# (`params`/`model_config`) and of trained tokenizers (`state`/`tokenizer_config`, tokenizers/saving.py).
-def save_with_config(directory: str | pathlib.Path, step: int, *, tree_item: str, tree, config_item: str,
-                     config: dict) -> None:
-  with _manager(directory) as mngr:
-    mngr.save(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardSave(tree),
-                                               config_item: ocp.args.JsonSave(config)}))
-    mngr.wait_until_finished()
-
-
-def read_config(directory: str | pathlib.Path, step: int | None, *, config_item: str,
-                what: str = "checkpoint directory") -> tuple[int, dict]:
-  """(step, config) of `step` (default: the latest complete one)."""
-  directory = pathlib.Path(directory)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"{what} {directory} does not exist")
-  with _manager(directory) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint step in {directory}")
-    return step, mngr.restore(step, args=ocp.args.Composite(**{config_item: ocp.args.JsonRestore()}))[config_item]
-
-
-def restore_tree(directory: str | pathlib.Path, step: int, *, tree_item: str, like):
-  """The tree saved at `step`, in the structure, shapes and dtypes of `like` (arrays or abstract arrays)."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  with _manager(directory) as mngr:
-    return mngr.restore(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardRestore(abstract)}))[tree_item]
-
-
-def save_model(directory: str | pathlib.Path, model: Beit, step: int = 0) -> None:
-  save_with_config(directory, step, tree_item="params", tree=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                   config_item="model_config", config=model.config.to_dict())
-
-
-def _restore_module(directory, step: int, tree_item: str, build, saved):
-  """The module `build()` makes, with the `saved` variables (an nnx filter) restored from `tree_item` of `step`."""
-  create = lambda: nnx.split(build(), saved, ...)
-  graphdef, variables, _ = nnx.eval_shape(create)  # shapes only: the weights come from the checkpoint
-  # The other state (drop-path RNG streams) must be real; under jit XLA drops the unused weight init.
-  rest = jax.jit(lambda: create()[2])()
-  nnx.replace_by_pure_dict(variables, restore_tree(directory, step, tree_item=tree_item,
-                                                   like=nnx.to_pure_dict(variables)))
-  return nnx.merge(graphdef, variables, rest)
-
-
-def load_model(directory: str | pathlib.Path, step: int | None = None, **overrides) -> Beit:
-  """Restores a model saved by `save_model` (the latest step by default); `overrides` change numerics only
-  (e.g. dtype="bfloat16", attention_impl="cudnn", drop_path_rate=0.1)."""
-  step, config = read_config(directory, step, config_item="model_config")
-  cfg = BeitConfig(**config).replace(**overrides)
-  return _restore_module(directory, step, "params", lambda: Beit(cfg, rngs=make_rngs(0)), nnx.Param)
-
-
-_SEGMENTER_VARIABLES = nnx.Any(nnx.Param, nnx.BatchStat)
-
-
-def save_segmenter(directory: str | pathlib.Path, model: segmentation.UperNet, step: int = 0) -> None:
-  """A segmentation model: its parameters and BatchNorm statistics (`variables`) and both configs."""
-  config = {"backbone": model.backbone.config.to_dict(), "segmentation": dataclasses.asdict(model.cfg)}
-  save_with_config(directory, step, tree_item="variables", config_item="segmenter_config", config=config,
-                   tree=nnx.to_pure_dict(nnx.state(model, _SEGMENTER_VARIABLES)))
-
-
-def load_segmenter(directory: str | pathlib.Path, step: int | None = None, **overrides) -> segmentation.UperNet:
-  """Restores a model saved by `save_segmenter`; `overrides` change the backbone's numerics only."""
-  try:
-    step, config = read_config(directory, step, config_item="segmenter_config", what="segmentation model")
-  except FileNotFoundError:
-    raise
-  except Exception as e:  # orbax: no such item (a classifier's or backbone's folder)
-    raise ValueError(f"{directory} holds no segmentation model (no segmenter_config: a backbone or classifier "
-                     f"saved by save_model?): {_first_line(e, 200)}") from None
-  cfg = segmentation.SegConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in config["segmentation"].items()})
-  bcfg = BeitConfig(**config["backbone"]).replace(**overrides)
-  return _restore_module(directory, step, "variables",
-                         lambda: segmentation.UperNet(Beit(bcfg, rngs=make_rngs(0)), cfg, rngs=nnx.Rngs(0)),
-                         _SEGMENTER_VARIABLES)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training-state checkpoints
-# ---------------------------------------------------------------------------------------------------------------
 def _is_key(x) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _first_line(error: Exception, limit: int) -> str:
-  text = str(error)
-  return text.splitlines()[0][:limit] if text else ""
 
 
 class CheckpointWriteError(OSError):
@@ -157,7 +58,7 @@ class TrainCheckpoints:
     except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax/OS errors alike)
       intact = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) if self.directory.exists() else []
       raise CheckpointWriteError(
-          f"{what} in {self.directory} failed ({type(e).__name__}: {_first_line(e, 300)})."
+          f"{what} in {self.directory} failed ({type(e).__name__}: {model_files.first_line(e, 300)})."
           f" The complete checkpoints there are intact (steps {intact}); a disk full or over quota? Free space and "
           f"rerun: the run resumes from step {max(intact) if intact else 0}.") from e
 
@@ -178,7 +79,7 @@ class TrainCheckpoints:
         out = self._restore_step(target, s)
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds; all mean "unreadable")
         logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
-                        self.directory / str(s), type(e).__name__, _first_line(e, 300))
+                        self.directory / str(s), type(e).__name__, model_files.first_line(e, 300))
         failed.append((s, e))
         continue
       if failed:
@@ -188,7 +89,7 @@ class TrainCheckpoints:
       first = failed[0][1]
       raise ValueError(f"no checkpoint in {self.directory} can be restored into this run's state (steps "
                        f"{[f for f, _ in failed]}; the newest failed with {type(first).__name__}: "
-                       f"{_first_line(first, 500)}). A checkpoint of another model or config? Use a new "
+                       f"{model_files.first_line(first, 500)}). A checkpoint of another model or config? Use a new "
                        "workdir.") from first
     return None
 

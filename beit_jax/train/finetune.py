@@ -26,7 +26,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from beit_jax import convert, models
+from beit_jax import convert, model_files, models
 from beit_jax.data import mixup
 from beit_jax.train import checkpoints, loop, metrics, optim, sharding
 from beit_jax.train.pretrain import check_batch, total_steps
@@ -120,7 +120,7 @@ def init_model(init: str, cfg: models.BeitConfig, seed: int, *, trained_head: bo
     return models.Beit(cfg, rngs=models.beit.make_rngs(seed))
   kind, _, path = init.partition(":")
   if kind == "checkpoint":  # ours -> unilm names -> the same loader as every PyTorch checkpoint
-    sd = convert.export_state_dict(checkpoints.load_model(path))
+    sd = convert.export_state_dict(model_files.load_model(path))
   else:
     sd = convert.read_state_dict(path)
   if trained_head:
@@ -252,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finished = int(jax.device_get(state["step"])) == steps
   model_dir = workdir / "model"
   if finished and not (model_dir / str(steps)).exists():  # collective under multi-host, as every orbax save
-    checkpoints.save_model(model_dir, nnx.merge(graphdef, state["ema"] if ema_decay else state["params"],
+    model_files.save_model(model_dir, nnx.merge(graphdef, state["ema"] if ema_decay else state["params"],
                                                  state["rest"]), step=steps)
   if config.get("eval_split") and finished:
     with jax.set_mesh(mesh):

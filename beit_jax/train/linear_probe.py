@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from beit_jax import convert, models
+from beit_jax import convert, model_files, models
 from beit_jax.models.heads import LinearProbes, probe_features
 from beit_jax.train import checkpoints, finetune, loop, metrics, optim, sharding
 from beit_jax.train.pretrain import check_batch, total_steps
@@ -40,7 +40,7 @@ def load_backbone(config: ml_collections.ConfigDict) -> models.Beit:
   finetune.check_init(config.init)
   kind, _, path = config.init.partition(":")
   if kind == "checkpoint":
-    model = checkpoints.load_model(path)
+    model = model_files.load_model(path)
   elif kind == "pytorch":
     model = convert.load_pytorch_checkpoint(path)
   else:

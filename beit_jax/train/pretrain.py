@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from beit_jax import models, tokenizers
+from beit_jax import model_files, models, tokenizers
 from beit_jax.train import checkpoints, loop, metrics, optim, sharding
 
 # What every pre-training model is, whatever the named variant (beit/modeling_pretrain.py).
@@ -226,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finished = int(jax.device_get(state["step"])) == steps
   model_dir = workdir / "model"  # the trained backbone (+ MIM head): fine-tuning's and PeCo's perceptual `init`
   if finished and not (model_dir / str(steps)).exists():  # every process calls orbax: multi-host saves are collective
-    checkpoints.save_model(model_dir, nnx.merge(graphdef, state["params"], state["rest"]), step=steps)
+    model_files.save_model(model_dir, nnx.merge(graphdef, state["params"], state["rest"]), step=steps)
   if config.get("eval_split") and finished:
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, tok_graphdef=tok_graphdef,
                                         num_predict=mask_spec.num_masked, vocab_size=cfg.vocab_size),

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from beit_jax import convert, models
+from beit_jax import convert, model_files, models
 from beit_jax.models import segmentation
 from beit_jax.train import checkpoints, finetune, loop, metrics, optim, seg_eval, sharding
 from beit_jax.train.pretrain import check_batch, total_steps
@@ -225,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finished = int(jax.device_get(state["step"])) == steps
   model = nnx.merge(graphdef, state["params"], state["rest"])
   if finished and not (workdir / "model" / str(steps)).exists():
-    checkpoints.save_segmenter(workdir / "model", model, step=steps)
+    model_files.save_segmenter(workdir / "model", model, step=steps)
   if finished and held_out and "eval_miou" not in last:
     with jax.set_mesh(mesh):
       eval_fn = eval_fn or jit_eval(config, graphdef, state["params"], state["rest"], mesh, seg_cfg.num_classes)
@@ -246,7 +246,7 @@ def segmenter_of(init: str, seed: int = 0, **kw) -> segmentation.UperNet:
   finetune.check_init(init)
   kind, _, path = init.partition(":")
   if kind == "checkpoint":
-    return checkpoints.load_segmenter(path)
+    return model_files.load_segmenter(path)
   return convert.load_segmentation_checkpoint(path, seed=seed, **kw)
 
 

@@ -1,0 +1,110 @@
+"""Model files: a saved BEiT, segmenter or tokenizer is a tree of arrays plus the JSON config that rebuilds it.
+
+What `beit-convert` writes, what a finished training run leaves in workdir/model (workdir/tokenizer) and what
+`config.init = "checkpoint:DIR"` reads. Layout: an orbax CheckpointManager directory; each step holds a tree item
+(`params`, `variables` or `state`) and a JSON config item (`model_config`, `segmenter_config`,
+`tokenizer_config`). Orbax writes each step to a temporary folder and renames it when complete, so a crash never
+leaves a half-written step that looks finished. Not training: models/, tokenizers/ and convert/ use it, and
+train/checkpoints.py keeps what only training needs (the train state, resume, the workdir lock).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from beit_jax.models import segmentation
+from beit_jax.models.beit import Beit, BeitConfig, make_rngs
+
+
+def first_line(error: Exception, limit: int) -> str:
+  """The first line of an error's message, at most `limit` characters (orbax's messages run to pages)."""
+  text = str(error)
+  return text.splitlines()[0][:limit] if text else ""
+
+
+def _manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(),
+                               options=ocp.CheckpointManagerOptions(create=True, max_to_keep=None))
+
+
+def save_with_config(directory: str | pathlib.Path, step: int, *, tree_item: str, tree, config_item: str,
+                     config: dict) -> None:
+  with _manager(directory) as mngr:
+    mngr.save(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardSave(tree),
+                                               config_item: ocp.args.JsonSave(config)}))
+    mngr.wait_until_finished()
+
+
+def read_config(directory: str | pathlib.Path, step: int | None, *, config_item: str,
+                what: str = "checkpoint directory") -> tuple[int, dict]:
+  """(step, config) of `step` (default: the latest complete one)."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{what} {directory} does not exist")
+  with _manager(directory) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint step in {directory}")
+    return step, mngr.restore(step, args=ocp.args.Composite(**{config_item: ocp.args.JsonRestore()}))[config_item]
+
+
+def restore_tree(directory: str | pathlib.Path, step: int, *, tree_item: str, like):
+  """The tree saved at `step`, in the structure, shapes and dtypes of `like` (arrays or abstract arrays)."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  with _manager(directory) as mngr:
+    return mngr.restore(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardRestore(abstract)}))[tree_item]
+
+
+def save_model(directory: str | pathlib.Path, model: Beit, step: int = 0) -> None:
+  save_with_config(directory, step, tree_item="params", tree=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                   config_item="model_config", config=model.config.to_dict())
+
+
+def _restore_module(directory, step: int, tree_item: str, build, saved):
+  """The module `build()` makes, with the `saved` variables (an nnx filter) restored from `tree_item` of `step`."""
+  create = lambda: nnx.split(build(), saved, ...)
+  graphdef, variables, _ = nnx.eval_shape(create)  # shapes only: the weights come from the checkpoint
+  # The other state (drop-path RNG streams) must be real; under jit XLA drops the unused weight init.
+  rest = jax.jit(lambda: create()[2])()
+  nnx.replace_by_pure_dict(variables, restore_tree(directory, step, tree_item=tree_item,
+                                                   like=nnx.to_pure_dict(variables)))
+  return nnx.merge(graphdef, variables, rest)
+
+
+def load_model(directory: str | pathlib.Path, step: int | None = None, **overrides) -> Beit:
+  """Restores a model saved by `save_model` (the latest step by default); `overrides` change numerics only
+  (e.g. dtype="bfloat16", attention_impl="cudnn", drop_path_rate=0.1)."""
+  step, config = read_config(directory, step, config_item="model_config")
+  cfg = BeitConfig(**config).replace(**overrides)
+  return _restore_module(directory, step, "params", lambda: Beit(cfg, rngs=make_rngs(0)), nnx.Param)
+
+
+_SEGMENTER_VARIABLES = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+def save_segmenter(directory: str | pathlib.Path, model: segmentation.UperNet, step: int = 0) -> None:
+  """A segmentation model: its parameters and BatchNorm statistics (`variables`) and both configs."""
+  config = {"backbone": model.backbone.config.to_dict(), "segmentation": dataclasses.asdict(model.cfg)}
+  save_with_config(directory, step, tree_item="variables", config_item="segmenter_config", config=config,
+                   tree=nnx.to_pure_dict(nnx.state(model, _SEGMENTER_VARIABLES)))
+
+
+def load_segmenter(directory: str | pathlib.Path, step: int | None = None, **overrides) -> segmentation.UperNet:
+  """Restores a model saved by `save_segmenter`; `overrides` change the backbone's numerics only."""
+  try:
+    step, config = read_config(directory, step, config_item="segmenter_config", what="segmentation model")
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # orbax: no such item (a classifier's or backbone's folder)
+    raise ValueError(f"{directory} holds no segmentation model (no segmenter_config: a backbone or classifier "
+                     f"saved by save_model?): {first_line(e, 200)}") from None
+  cfg = segmentation.SegConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in config["segmentation"].items()})
+  bcfg = BeitConfig(**config["backbone"]).replace(**overrides)
+  return _restore_module(directory, step, "variables",
+                         lambda: segmentation.UperNet(Beit(bcfg, rngs=make_rngs(0)), cfg, rngs=nnx.Rngs(0)),
+                         _SEGMENTER_VARIABLES)

@@ -1,0 +1,40 @@
+"""The package's floors: the lower ones (models, tokenizers, converters, data, model files) never reach up into
+training. Read from the source's import statements (function-level imports included), so an import that only
+runs on some path counts too."""
+import ast
+import pathlib
+
+import beit_jax
+
+PACKAGE = pathlib.Path(beit_jax.__file__).parent
+LOWER_FLOORS = ("models", "tokenizers", "convert", "data")
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+  """The absolute names of the modules `path` imports (`from beit_jax.train import x` gives beit_jax.train and
+  beit_jax.train.x: x may be a module or a name in it)."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      names.add(node.module)
+      names.update(f"{node.module}.{a.name}" for a in node.names)
+  return names
+
+
+def test_imported_modules_sees_function_level_imports(tmp_path):
+  src = tmp_path / "m.py"
+  src.write_text("import os\ndef f():\n  from beit_jax.train import loop\n")
+  assert {"os", "beit_jax.train", "beit_jax.train.loop"} <= imported_modules(src)
+
+
+def test_lower_floors_never_import_training():
+  offenders = {}
+  files = [f for floor in LOWER_FLOORS for f in (PACKAGE / floor).rglob("*.py")] + [PACKAGE / "model_files.py"]
+  assert len(files) > 20, files  # the walk found the package
+  for f in files:
+    up = sorted(m for m in imported_modules(f) if m == "beit_jax.train" or m.startswith("beit_jax.train."))
+    if up:
+      offenders[str(f.relative_to(PACKAGE))] = up
+  assert not offenders, f"modules below train/ that import it: {offenders}"
