@@ -193,4 +193,6 @@ def test_linear_probe_on_precomputed_features_matches_sklearn(tmp_path):
   ref = make_pipeline(PCA(whiten=True), LogisticRegression(C=1 / (1e-4 * len(y)), max_iter=10_000, tol=1e-8))
   ref = ref.fit(x.astype(np.float64), y).score(xt.astype(np.float64), yt)
   print(f"precomputed-feature probe {ours:.4f}, scikit-learn's logistic regression {ref:.4f}")
-  assert abs(ours - ref) <= 0.005 and ours > 0.4
+  # Within 10 of the 1,000 held-out images: the two solvers stop at slightly different points of a flat optimum
+  # (2 images apart on an Intel Xeon, 5 on an AMD EPYC); an unconverged probe is 40 apart (above).
+  assert round(abs(ours - ref) * len(yt)) <= 10 and ours > 0.4

@@ -309,10 +309,6 @@ def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard
   return (check_labels(b, source) for b in tfds.as_numpy(ds.batch(host_batch).with_options(_options(threads)).prefetch(2)))
 
 
-def num_eval_batches(source: Source, host_batch: int, num_hosts: int = 1) -> int:
-  return math.ceil(math.ceil(source.num_examples / num_hosts) / host_batch)
-
-
 # -- semantic segmentation ---------------------------------------------------------------------------------------
 def seg_train_transform(*, seed: int, crop_size: int, scale=(2048, 512), ratio_range=(0.5, 2.0),
                         cat_max_ratio: float = 0.75, photometric: bool = True, mean_std=INCEPTION) -> Transform:
