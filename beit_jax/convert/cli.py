@@ -11,8 +11,8 @@ import logging
 import pathlib
 import sys
 
-from beit_jax.convert import pytorch
 from beit_jax import model_files
+from beit_jax.convert import pytorch
 
 
 def _parser() -> argparse.ArgumentParser:

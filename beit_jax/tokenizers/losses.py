@@ -117,7 +117,7 @@ class PerceptualLoss:
   @classmethod
   def from_checkpoint(cls, directory: str | pathlib.Path, layers: Sequence[int] = (3, 6, 9, 12), *,
                       model_overrides=None, **kwargs) -> "PerceptualLoss":
-    """An orbax checkpoint written by `train.model_files.save_model`."""
+    """An orbax checkpoint written by `beit_jax.model_files.save_model`."""
     from beit_jax.model_files import load_model  # pylint: disable=import-outside-toplevel
     return cls(load_model(directory, **(model_overrides or {})), layers, **kwargs)
 

@@ -10,8 +10,8 @@ import pathlib
 
 from flax import nnx
 
-from beit_jax.tokenizers import vqgan
 from beit_jax import model_files
+from beit_jax.tokenizers import vqgan
 
 
 def _arrays(tok: vqgan.PecoTokenizer):
