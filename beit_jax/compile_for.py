@@ -137,10 +137,10 @@ def _pretrain(config, mesh, notes):
 def _finetune(config, mesh, notes):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from beit_jax.models import flops  # pylint: disable=import-outside-toplevel
-  from beit_jax.train import finetune  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import finetune, weights  # pylint: disable=import-outside-toplevel
   num_classes = config.data.get("num_classes") or 1000
   notes.append(f"{num_classes} classes")
-  cfg = finetune.model_config(config, num_classes)
+  cfg = weights.classifier_config(config, num_classes)
   graphdef, state, tx, lr_fn = finetune.create_state(config, cfg, mesh, _STEPS, abstract=True)
   s, b = config.data.image_size, config.batch_size
   batch = _batch(mesh, {"image": ((b, s, s, 3), jnp.float32), "label": ((b,), jnp.int32)})
@@ -187,13 +187,13 @@ def compile_for(config, topology: str, utilisation: float = 0.5) -> dict:
   """Compiles `config`'s train step over `topology`; returns the figures (see the module docstring)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from beit_jax.train import pretrain, sharding  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import runs, sharding  # pylint: disable=import-outside-toplevel
   if config.mode not in BUILDERS:
     raise SystemExit(f"config.mode={config.mode!r}: compile_for knows {sorted(BUILDERS)}")
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(config.mesh, devices)
   try:
-    pretrain.check_batch(config, mesh)  # the trainers' own check of batch vs mesh and grad_accum
+    runs.check_batch(config, mesh)  # the trainers' own check of batch vs mesh and grad_accum
   except ValueError as e:
     raise SystemExit(str(e)) from None
   notes: list[str] = []

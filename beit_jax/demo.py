@@ -30,7 +30,6 @@ against training images seen, masked-token predictions decoded to pixels) go to 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import pathlib
@@ -40,9 +39,9 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from beit_jax import configs
 from beit_jax.train import modes
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 TRAIN_SIZE = 60000  # Fashion-MNIST's training split
 
 
@@ -79,14 +78,6 @@ SCALES = {
     "full": Scale(tokenizer_steps=300, pretrain_steps=1200, finetune_steps={0.01: 100, 0.1: 200, 1.0: 500},
                   seeds=(0, 1, 2), probe_steps=150, matched=(0.01, 0.1, 1.0)),
 }
-
-
-def config_file(name: str, arg: str = ""):
-  """configs/NAME.py's get_config(arg), as `--config=configs/NAME.py:arg` loads it."""
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def with_steps(config, steps: int):
@@ -150,13 +141,13 @@ class Chain:
 
   def pretrain(self, arm: str, perceptual_from: str | None) -> str:
     """Tokenizer + pre-training of one arm; returns the pre-trained model folder."""
-    tok = config_file("fmnist_tokenizer", f"checkpoint:{perceptual_from}" if perceptual_from else "pixel")
+    tok = configs.load("fmnist_tokenizer", f"checkpoint:{perceptual_from}" if perceptual_from else "pixel")
     m = self.stage(f"{arm}_tokenizer", with_steps(tok, self.scale.tokenizer_steps))
     self.log(f"{arm} tokenizer: held-out PSNR {m['eval_psnr']:.2f} dB, codebook usage {100 * m['eval_usage']:.1f}%, "
              f"perplexity {m['eval_perplexity']:.0f}; background patches ({100 * m['eval_background_patches']:.0f}% "
              f"of all) get {m['eval_background_codes']:.0f} codes, the most frequent "
              f"{100 * m['eval_background_top_share']:.0f}% of them")
-    pre = config_file("fmnist_pretrain", str(self.work / f"{arm}_tokenizer" / "tokenizer"))
+    pre = configs.load("fmnist_pretrain", str(self.work / f"{arm}_tokenizer" / "tokenizer"))
     m = self.stage(f"{arm}_pretrain", with_steps(pre, self.scale.pretrain_steps))
     self.log(f"{arm} pre-training: held-out masked-token accuracy {100 * m['eval_mlm_acc']:.1f}% vs "
              f"{100 * m['eval_most_frequent_per_position_acc']:.1f}% most frequent per position, "
@@ -166,7 +157,7 @@ class Chain:
     return str(self.work / f"{arm}_pretrain" / "model")
 
   def finetune(self, arm: str, init: str, fraction: float, seed: int, extra_steps: int = 0) -> dict[str, Any]:
-    c = config_file("fmnist_finetune", init)
+    c = configs.load("fmnist_finetune", init)
     c.seed = seed
     c.data.split = labelled_split(fraction, seed)
     if not init:  # nothing pre-trained to protect: every layer at the full rate, the head at its normal init
@@ -181,7 +172,7 @@ class Chain:
     return m
 
   def probe(self, arm: str, init: str, seed: int) -> dict[str, Any]:
-    c = config_file("fmnist_linear_probe", init)
+    c = configs.load("fmnist_linear_probe", init)
     c.seed, c.data.split = seed, self.scale.probe_split
     m = self.stage(f"{arm}_probe_seed{seed}", with_steps(c, self.scale.probe_steps))
     self.log(f"{arm} linear probe (seed {seed}): best block {m['eval_best_block']:.0f}, held-out top-1 "
@@ -280,7 +271,7 @@ def run(workdir: str, scale_name: str) -> dict[str, Any]:
 
 def matched_steps(scale: Scale) -> int:
   """The pre-training's images in fine-tuning steps: what the compute-matched supervised arm gets on top."""
-  return scale.pretrain_steps * config_file("fmnist_pretrain").batch_size // config_file("fmnist_finetune").batch_size
+  return scale.pretrain_steps * configs.load("fmnist_pretrain").batch_size // configs.load("fmnist_finetune").batch_size
 
 
 def _cell(results, names) -> str:
@@ -303,7 +294,7 @@ def table(results: dict[str, dict[str, Any]], scale_name: str) -> str:
             for label, short in PROBE_ARMS.items()}
   steps = ", ".join(f"{f:.0%}: {n}" for f, n in scale.finetune_steps.items())
   lines = [f"Fashion-MNIST held-out top-1 (%), {len(scale.seeds)} seed(s), mean ± std over seeds; scale "
-           f"{scale_name}; fine-tuning steps of {config_file('fmnist_finetune').batch_size} ({steps}), "
+           f"{scale_name}; fine-tuning steps of {configs.load('fmnist_finetune').batch_size} ({steps}), "
            f"compute-matched: + {matched_steps(scale)}", "",
            "| arm | " + " | ".join(f"{f:.0%} labels" for f in fractions)
            + f" | linear probe ({'all labels' if scale.probe_split == 'train' else scale.probe_split}) |",
@@ -408,7 +399,7 @@ def draw_figures(workdir: str, results: dict[str, dict[str, Any]], scale: Scale,
   pre-training, the predicted tokens decoded by each arm's tokenizer). Returns the paths written."""
   from beit_jax import figures  # pylint: disable=import-outside-toplevel
   seed = scale.seeds[0]
-  pre_images = scale.pretrain_steps * config_file("fmnist_pretrain").batch_size
+  pre_images = scale.pretrain_steps * configs.load("fmnist_pretrain").batch_size
   panels, floors = {}, {}
   for f in scale.finetune_steps:
     arms = {}
@@ -434,7 +425,7 @@ def draw_masked_predictions(path, workdir: str, arms: dict[str, str], num_images
   from beit_jax import figures, tokenizers  # pylint: disable=import-outside-toplevel
   from beit_jax.data import pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
   from beit_jax import model_files  # pylint: disable=import-outside-toplevel
-  cfg = config_file("fmnist_pretrain")
+  cfg = configs.load("fmnist_pretrain")
   d = cfg.data
   batch = next(pipelines.eval_batches(
       sources.get_source(d.source, f"{cfg.eval_split}[:{num_images}]" if "[" not in cfg.eval_split

@@ -11,10 +11,8 @@ appended to --json as they finish (a compile takes minutes on a small CPU).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import pathlib
 
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # libtpu asks for it; nothing is contacted
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -43,11 +41,7 @@ GRID = [
 
 
 def config_for(name, slice_name, strategy, model):
-  path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f",{slice_name}")
+  c = configs.load(name, f",{slice_name}")
   c.mesh = STRATEGIES[strategy]
   if model:
     c.model.name = model

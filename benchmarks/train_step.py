@@ -248,13 +248,9 @@ def _jax_pretrain(args, batch, mesh):
 
 def _miniature_config(batch: int):
   """configs/fmnist_pretrain.py with `batch`, and its tokenizer's PecoConfig (RGB, as the pipeline feeds it)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
+  from beit_jax import configs  # pylint: disable=import-outside-toplevel
   from beit_jax.tokenizers import vqgan  # pylint: disable=import-outside-toplevel
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "fmnist_pretrain.py")
-  spec = importlib.util.spec_from_file_location("fmnist_pretrain", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = configs.load("fmnist_pretrain")
   config.batch_size = batch
   return config, vqgan.get_config("peco_fmnist_small", channels=3)
 
@@ -274,13 +270,13 @@ def _jax_finetune(args, batch, mesh):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from beit_jax import configs  # pylint: disable=import-outside-toplevel
-  from beit_jax.train import finetune, sharding  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import finetune, sharding, weights  # pylint: disable=import-outside-toplevel
 
   config = configs.finetune()
   config.batch_size = batch
   config.model.name = args.model
   config.model.overrides.update(dtype=args.dtype, attention_impl=args.attention, remat=args.remat)
-  cfg = finetune.model_config(config, _NUM_CLASSES)
+  cfg = weights.classifier_config(config, _NUM_CLASSES)
   graphdef, state, tx, lr_fn = finetune.create_state(config, cfg, mesh, 100_000)
   rng = np.random.default_rng(0)
   size = config.data.image_size

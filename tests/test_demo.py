@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from beit_jax import demo
+from beit_jax import configs, demo
 
 
 def test_labelled_subsets_are_disjoint_slices_per_seed():
@@ -22,11 +22,11 @@ def test_labelled_subsets_are_disjoint_slices_per_seed():
 def test_every_scale_runs_configs_that_load():
   for scale in demo.SCALES.values():
     for name in ("fmnist_tokenizer", "fmnist_pretrain", "fmnist_finetune", "fmnist_linear_probe"):
-      c = demo.with_steps(demo.config_file(name), scale.pretrain_steps)
+      c = demo.with_steps(configs.load(name), scale.pretrain_steps)
       assert c.total_steps == scale.pretrain_steps and c.optim.warmup_steps <= scale.pretrain_steps // 10
-  tok = demo.config_file("fmnist_tokenizer", "checkpoint:/some/model")
+  tok = configs.load("fmnist_tokenizer", "checkpoint:/some/model")
   assert tok.loss.perceptual.source == "checkpoint:/some/model" and tok.loss.perceptual_weight > 0
-  assert demo.config_file("fmnist_tokenizer", "pixel").loss.perceptual_weight == 0
+  assert configs.load("fmnist_tokenizer", "pixel").loss.perceptual_weight == 0
 
 
 def test_pixel_logistic_regression_floor():
@@ -96,7 +96,7 @@ def test_a_stage_stopped_by_sigterm_is_not_recorded(tmp_path):
   import threading  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
   chain = demo.Chain(str(tmp_path), demo.SCALES["demo"])
-  c = demo.with_steps(demo.config_file("fmnist_tokenizer", "pixel"), 10_000)  # far more than fit before the signal
+  c = demo.with_steps(configs.load("fmnist_tokenizer", "pixel"), 10_000)  # far more than fit before the signal
   c.data.eval_split = "test[:64]"
   default = signal.getsignal(signal.SIGTERM)
 

@@ -7,7 +7,7 @@ from flax import nnx
 from beit_jax import configs, convert, model_files, models
 from beit_jax.data import mixup
 from beit_jax.models.heads import probe_features
-from beit_jax.train import finetune, linear_probe, metrics, optim, pretrain, sharding
+from beit_jax.train import finetune, linear_probe, metrics, optim, pretrain, sharding, weights
 from conftest import tiny_config
 
 
@@ -87,8 +87,8 @@ def test_finetune_starts_from_the_pretrained_backbone(tmp_path, tokenizer_file):
   weights as pre-trained, the MIM head dropped, a fresh classification head at 0.001 of its init scale."""
   pretrain.train_and_evaluate(tiny_config(tokenizer_file, total_steps=2, ckpt_every=2), tmp_path / "pre")
   pre = nnx.state(model_files.load_model(tmp_path / "pre" / "model"), nnx.Param)
-  cfg = finetune.model_config(ft_config(), num_classes=10)
-  model = finetune.init_model(f"checkpoint:{tmp_path / 'pre' / 'model'}", cfg, seed=0)
+  cfg = weights.classifier_config(ft_config(), num_classes=10)
+  model = weights.classifier(f"checkpoint:{tmp_path / 'pre' / 'model'}", cfg, seed=0)
   assert model.rel_pos is None and model.head is not None
   for block in model.blocks:
     np.testing.assert_array_equal(np.asarray(block.attn.rel_pos.table[...]), np.asarray(pre["rel_pos"]["table"]))
@@ -99,13 +99,13 @@ def test_finetune_starts_from_the_pretrained_backbone(tmp_path, tokenizer_file):
   assert 0.7 * 2e-5 < head.std() < 1.3 * 2e-5 and np.abs(head).max() < 2e-5 * 6, head.std()
   # At a new resolution (32 -> 48 px: a 4x4 -> 6x6 patch grid) the tables are resized on the way in; the
   # resize itself is checked against timm and SciPy in test_parity_timm.py.
-  big = finetune.init_model(f"checkpoint:{tmp_path / 'pre' / 'model'}", cfg.replace(img_size=48), seed=0)
+  big = weights.classifier(f"checkpoint:{tmp_path / 'pre' / 'model'}", cfg.replace(img_size=48), seed=0)
   assert big.blocks[0].attn.rel_pos.table.shape == (11 * 11 + 3, cfg.num_heads)
   assert big(np.zeros((2, 48, 48, 3), np.float32)).shape == (2, 10)
   with pytest.raises(FileNotFoundError, match="config.init"):
-    finetune.init_model(f"checkpoint:{tmp_path / 'nowhere'}", cfg, seed=0)
+    weights.classifier(f"checkpoint:{tmp_path / 'nowhere'}", cfg, seed=0)
   with pytest.raises(ValueError, match="config.init"):
-    finetune.init_model("imagenet", cfg, seed=0)
+    weights.classifier("imagenet", cfg, seed=0)
 
 
 def test_linear_probe_of_every_block(tmp_path):
@@ -138,7 +138,7 @@ def test_label_smoothing_applies_without_mixup():
   # A deterministic forward (the same in the step and here), and logits far from uniform (a full-scale head).
   c.model.overrides = {"drop_path_rate": 0.0, "head_init_scale": 1.0}
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  cfg = finetune.model_config(c, 10)
+  cfg = weights.classifier_config(c, 10)
   graphdef, state, tx, lr_fn = finetune.create_state(c, cfg, mesh, 100)
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32)}

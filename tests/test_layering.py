@@ -1,6 +1,6 @@
 """The package's floors: the lower ones (models, tokenizers, converters, data, model files) never reach up into
-training. Read from the source's import statements (function-level imports included), so an import that only
-runs on some path counts too."""
+training, and no trainer imports another. Read from the source's import statements (function-level imports
+included), so an import that only runs on some path counts too."""
 import ast
 import pathlib
 
@@ -38,3 +38,18 @@ def test_lower_floors_never_import_training():
     if up:
       offenders[str(f.relative_to(PACKAGE))] = up
   assert not offenders, f"modules below train/ that import it: {offenders}"
+
+
+def test_no_trainer_imports_another():
+  """Each trainer (the modules modes.MODES names) reads on its own: shared set-up lives in train/runs.py and
+  train/weights.py, never in a sibling trainer."""
+  from beit_jax.train import modes  # pylint: disable=import-outside-toplevel
+  trainers = sorted({module for module, _ in modes.MODES.values()})
+  assert len(trainers) == 5, trainers
+  offenders = {}
+  for name in trainers:
+    path = PACKAGE / "train" / f"{name.rsplit('.', 1)[1]}.py"
+    siblings = sorted((imported_modules(path) & set(trainers)) - {name})
+    if siblings:
+      offenders[name] = siblings
+  assert not offenders, f"trainers importing other trainers: {offenders}"

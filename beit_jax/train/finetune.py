@@ -1,10 +1,8 @@
 """Fine-tuning a (pre-trained) BEiT for classification, and evaluating a classifier: one readable loop each.
 
-Start: `config.init` names the weights: "" (from scratch), "checkpoint:DIR" (a model saved by our loops, e.g.
-a pre-training run's workdir/model, or by `beit-convert`), or "pytorch:PATH" (a unilm/timm/HF checkpoint). The
-converter's one path does the rest, as unilm's run_class_finetuning.py: the shared relative position table is
-copied into every block, position tables are resized to the new image size (224 -> 384), the MIM head is
-dropped and a new classification head (mean pooling + fc_norm by default) starts at 0.001 of its init scale.
+Start: `config.init` names the weights: "" (from scratch), "checkpoint:DIR" or "pytorch:PATH" (train/weights.py:
+the converter's one path copies the shared relative position table into every block, resizes position tables
+to the new image size, drops the MIM head and starts a new classification head).
 
 Per step: mixup/cutmix (or label smoothing alone) on device, soft-target cross-entropy, AdamW with layer-wise
 learning-rate decay and the weight-decay mask, cosine schedule with warm-up, optional EMA of the weights.
@@ -26,15 +24,9 @@ import ml_collections
 import optax
 from flax import nnx
 
-from beit_jax import convert, model_files, models
+from beit_jax import model_files, models
 from beit_jax.data import mixup
-from beit_jax.train import checkpoints, loop, metrics, optim, sharding
-from beit_jax.train.pretrain import check_batch, total_steps
-
-# What a classifier is, whatever the checkpoint it starts from (beit/modeling_finetune.py).
-FINETUNE_LAYOUT = dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=False, use_mask_token=False, vocab_size=0,
-                       init_style="finetune")
-
+from beit_jax.train import checkpoints, loop, metrics, optim, runs, sharding, weights
 
 # ---------------------------------------------------------------------------------------------------------------
 # The steps
@@ -88,67 +80,12 @@ def eval_step(params, rest, batch, *, graphdef):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Set-up helpers (the linear probe shares them)
+# Set-up
 # ---------------------------------------------------------------------------------------------------------------
-def model_config(config: ml_collections.ConfigDict, num_classes: int, **layout) -> models.BeitConfig:
-  overrides = {**FINETUNE_LAYOUT, **dict(config.model.get("overrides", {})), "num_classes": num_classes, **layout}
-  cfg = models.get_config(config.model.name, **overrides)
-  if cfg.img_size != config.data.image_size:
-    raise ValueError(f"config.data.image_size={config.data.image_size} differs from the model's img_size "
-                     f"{cfg.img_size} (config.model.name={config.model.name!r}; set "
-                     f"config.model.overrides.img_size to fine-tune at another resolution)")
-  return cfg
-
-
-def check_init(init: str) -> None:
-  """Fails before anything is built when `config.init` is malformed or names a missing file."""
-  if not init:
-    return
-  kind, _, path = init.partition(":")
-  if kind not in ("checkpoint", "pytorch") or not path:
-    raise ValueError(f"config.init={init!r}: use '' (from scratch), 'checkpoint:DIR' or 'pytorch:PATH'")
-  if not pathlib.Path(path).exists():
-    raise FileNotFoundError(f"config.init={init!r}: {path} does not exist")
-
-
-def init_model(init: str, cfg: models.BeitConfig, seed: int, *, trained_head: bool = False) -> models.Beit:
-  """The model of `cfg` with the weights `init` names (see the module docstring); task tensors the checkpoint
-  lacks (the new head) are freshly initialised, those `cfg` lacks (the MIM head) dropped. `trained_head=True`
-  (evaluation) instead requires the checkpoint's head to be a classifier of cfg.num_classes."""
-  check_init(init)
-  if not init:
-    return models.Beit(cfg, rngs=models.beit.make_rngs(seed))
-  kind, _, path = init.partition(":")
-  if kind == "checkpoint":  # ours -> unilm names -> the same loader as every PyTorch checkpoint
-    sd = convert.export_state_dict(model_files.load_model(path))
-  else:
-    sd = convert.read_state_dict(path)
-  if trained_head:
-    head = convert.to_timm_names(sd).get("head.weight")
-    if head is None or head.shape[0] != cfg.num_classes:
-      raise ValueError(f"config.init={init!r} has no classification head of {cfg.num_classes} classes (the eval "
-                       f"split's count; the checkpoint's head: {None if head is None else tuple(head.shape)}): "
-                       "evaluate a fine-tuned classifier")
-  return convert.load_state_dict(sd, cfg, seed=seed)
-
-
 def evaluate(eval_fn, params, rest, batches) -> dict[str, float]:
   sums = metrics.sum_over(lambda batch: eval_fn(params, rest, batch), batches)
   n = float(sums["count"])
   return {"top1": float(sums["top1"]) / n, "top5": float(sums["top5"]) / n, "count": n}
-
-
-def eval_batches(config, mesh, host_batch: int, split: str = ""):
-  """The eval split (or `split`) as global batches (padded rows marked invalid), each example once across hosts."""
-  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  d = config.data
-  source = sources.get_source(d.source, split or config.eval_split, d.get("data_dir"))
-  transform = pipelines.eval_transform(image_size=d.image_size, crop_pct=d.get("crop_pct"),
-                                       mean_std=pipelines.mean_std(d.mean_std))
-  it = pipelines.eval_batches(source, transform, host_batch=host_batch, shard=pipelines.Shard.of_this_process(),
-                              threads=d.get("threads"))
-  it = ({"image": b["image"], "label": b["label"], "valid": b["valid"]} for b in it)
-  return device.global_batches(it, mesh, sharding.BATCH_AXES)
 
 
 def jit_eval(graphdef, params, rest, mesh):
@@ -178,7 +115,7 @@ def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh
     graphdef, params, rest = sharding.create_sharded(
         lambda: models.Beit(cfg, rngs=models.beit.make_rngs(config.seed)), mesh, abstract=True)
   else:
-    graphdef, params, rest = sharding.place(init_model(config.init, cfg, config.seed), mesh)
+    graphdef, params, rest = sharding.place(weights.classifier(config.init, cfg, config.seed), mesh)
   tx, lr_fn = optim.make(config.optim, params, steps, depth=cfg.depth)
   state = sharding.train_state(params, rest, tx, mesh, abstract=abstract)
   if config.get("ema_decay", 0.0):
@@ -203,14 +140,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
-  check_init(config.init)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
-  host_batch = check_batch(config, mesh)
+  weights.parse(config.init)
+  mesh = runs.make_mesh(config)
+  host_batch = runs.check_batch(config, mesh)
   d = config.data
   source = sources.get_source(d.source, d.split, d.get("data_dir"))
-  cfg = model_config(config, source.num_classes)
+  cfg = weights.classifier_config(config, source.num_classes)
   shard = pipelines.Shard.of_this_process()
-  steps = total_steps(config, pipelines.steps_per_epoch(source, host_batch, shard.count))
+  steps = runs.total_steps(config, pipelines.steps_per_epoch(source, host_batch, shard.count))
 
   graphdef, state, tx, lr_fn = create_state(config, cfg, mesh, steps)
   ema_decay = float(config.get("ema_decay", 0.0))
@@ -232,11 +169,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The learning curve: held-out top-1 every `eval_every` steps and at the end on `eval_every_split` (a subset
   # of the eval split keeps it cheap), in TensorBoard and workdir/eval_history.jsonl.
   curve_every, curve_split = config.get("eval_every", 0), config.get("eval_every_split") or config.eval_split
+  held_out = lambda split="": runs.classification_eval_batches(config, mesh, host_batch, split)
 
   def curve_point(step, state):
     if not (curve_every and curve_split) or (step % curve_every and step != steps):
       return None
-    res = evaluate(eval_fn, state["params"], state["rest"], eval_batches(config, mesh, host_batch, curve_split))
+    res = evaluate(eval_fn, state["params"], state["rest"], held_out(curve_split))
     point = {"curve_top1": res["top1"], "curve_top5": res["top5"]}
     writer.write_scalars(step, point)
     metrics.append_history(workdir, {"step": step, "examples": step * config.batch_size, "split": curve_split,
@@ -256,10 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                  state["rest"]), step=steps)
   if config.get("eval_split") and finished:
     with jax.set_mesh(mesh):
-      res = evaluate(eval_fn, state["params"], state["rest"], eval_batches(config, mesh, host_batch))
+      res = evaluate(eval_fn, state["params"], state["rest"], held_out())
       last.update(eval_top1=res["top1"], eval_top5=res["top5"], eval_count=res["count"])
       if ema_decay:
-        res = evaluate(eval_fn, state["ema"], state["rest"], eval_batches(config, mesh, host_batch))
+        res = evaluate(eval_fn, state["ema"], state["rest"], held_out())
         last.update(eval_ema_top1=res["top1"], eval_ema_top5=res["top5"])
     writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
   logging.info("fine-tuning done in %.0f s: %s", time.time() - t0, last)
@@ -269,17 +207,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`config.mode = "eval"`: top-1/top-5 of the classifier `config.init` names on `config.eval_split`."""
   from beit_jax.data import sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  if not config.init:
-    raise ValueError("config.init is empty: name the classifier to evaluate ('checkpoint:DIR' or 'pytorch:PATH')")
-  check_init(config.init)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
-  host_batch = check_batch(config, mesh)
+  weights.require(config.init, "classifier")
+  mesh = runs.make_mesh(config)
+  host_batch = runs.check_batch(config, mesh)
   d = config.data
   num_classes = sources.get_source(d.source, config.eval_split, d.get("data_dir")).num_classes
-  model = init_model(config.init, model_config(config, num_classes), config.seed, trained_head=True)
+  model = weights.classifier(config.init, weights.classifier_config(config, num_classes), config.seed,
+                             trained_head=True)
   graphdef, params, rest = sharding.place(model, mesh)
   with jax.set_mesh(mesh):
-    res = evaluate(jit_eval(graphdef, params, rest, mesh), params, rest, eval_batches(config, mesh, host_batch))
+    res = evaluate(jit_eval(graphdef, params, rest, mesh), params, rest,
+                   runs.classification_eval_batches(config, mesh, host_batch))
   out = {"eval_top1": res["top1"], "eval_top5": res["top5"], "eval_count": res["count"]}
   writer = metrics.create_writer(str(workdir))
   writer.write_scalars(0, out)

@@ -28,22 +28,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from beit_jax import convert, model_files, models
+from beit_jax import models
 from beit_jax.models.heads import LinearProbes, probe_features
-from beit_jax.train import checkpoints, finetune, loop, metrics, optim, sharding
-from beit_jax.train.pretrain import check_batch, total_steps
+from beit_jax.train import checkpoints, loop, metrics, optim, runs, sharding, weights
 
 
 def load_backbone(config: ml_collections.ConfigDict) -> models.Beit:
   """The frozen network `config.init` names, in its own layout (a pre-training checkpoint keeps its shared
   relative position table, as unilm's probe does); "" = random init of config.model (the probe's floor)."""
-  finetune.check_init(config.init)
-  kind, _, path = config.init.partition(":")
-  if kind == "checkpoint":
-    model = model_files.load_model(path)
-  elif kind == "pytorch":
-    model = convert.load_pytorch_checkpoint(path)
-  else:
+  model = weights.network(config.init)
+  if model is None:
     model = models.Beit(models.get_config(config.model.name, **dict(config.model.get("overrides", {}))),
                         rngs=models.beit.make_rngs(config.seed))
   if model.config.img_size != config.data.image_size:
@@ -187,9 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
-  finetune.check_init(config.init)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
-  host_batch = check_batch(config, mesh)
+  weights.parse(config.init)
+  mesh = runs.make_mesh(config)
+  host_batch = runs.check_batch(config, mesh)
   d = config.data
   source = sources.get_source(d.source, d.split, d.get("data_dir"))
   shard = pipelines.Shard.of_this_process()
@@ -197,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if features not in ("augmented", "precomputed"):
     raise ValueError(f"config.probe.features={features!r}: use 'augmented' or 'precomputed'")
   # Precomputed: a step is one L-BFGS iteration on the full batch.
-  steps = total_steps(config, 1 if features == "precomputed" else
+  steps = runs.total_steps(config, 1 if features == "precomputed" else
                       pipelines.steps_per_epoch(source, host_batch, shard.count))
 
   backbone = load_backbone(config)
@@ -254,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       in_shardings=(state_sh["params"], state_sh["rest"], batch_sh, backbone_sh), out_shardings=rep)
     with jax.set_mesh(mesh):
       sums = metrics.sum_over(lambda batch: eval_fn(state["params"], state["rest"], batch, backbone_state),
-                              finetune.eval_batches(config, mesh, host_batch))
+                              runs.classification_eval_batches(config, mesh, host_batch))
     per_block = sums["top1"] / sums["count"]
     best = int(np.argmax(per_block))
     last.update({f"eval_top1_block{b}": float(a) for b, a in zip(blocks, per_block)})

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from beit_jax import model_files, models, tokenizers
-from beit_jax.train import checkpoints, loop, metrics, optim, sharding
+from beit_jax.train import checkpoints, loop, metrics, optim, runs, sharding
 
 # What every pre-training model is, whatever the named variant (beit/modeling_pretrain.py).
 PRETRAIN_LAYOUT = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mask_token=True,
@@ -108,23 +108,8 @@ def held_out_figures(sums, vocab_size: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Set-up helpers (also used by the tokenizer loop and the fine-tuning loops)
+# Set-up (compile_for and benchmarks/train_step.py build the same state and step from these)
 # ---------------------------------------------------------------------------------------------------------------
-def check_batch(config: ml_collections.ConfigDict, mesh) -> int:
-  """The host-local batch size, after checking the global one divides over devices and hosts."""
-  dp, hosts = sharding.data_parallel_size(mesh), jax.process_count()
-  accum = config.get("grad_accum", 1)
-  if not isinstance(accum, int) or accum < 1:
-    raise ValueError(f"config.grad_accum={accum!r} must be a positive int (1 = no accumulation)")
-  if config.batch_size % (dp * accum):
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
-                     f"times config.grad_accum={accum} (config.mesh={dict(config.mesh)}, "
-                     f"{jax.device_count()} devices): every device needs an equal share of every micro-batch")
-  if config.batch_size % hosts:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {hosts} processes")
-  return config.batch_size // hosts
-
-
 def load_tokenizer(config: ml_collections.ConfigDict):
   cfg = dict(config.tokenizer)
   name = cfg.pop("name")
@@ -141,12 +126,6 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> models.B
     raise ValueError(f"config.data.image_size={config.data.image_size} differs from the model's img_size "
                      f"{cfg.img_size} (config.model.name={config.model.name!r})")
   return cfg
-
-
-def total_steps(config, steps_per_epoch: int) -> int:
-  if config.get("total_steps"):
-    return int(config.total_steps)
-  return int(config.epochs * steps_per_epoch)
 
 
 def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh, steps: int, *,
@@ -177,8 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
-  host_batch = check_batch(config, mesh)
+  mesh = runs.make_mesh(config)
+  host_batch = runs.check_batch(config, mesh)
   tok = load_tokenizer(config)
   cfg = model_config(config, tok.vocab_size)
   d = config.data
@@ -192,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   source = sources.get_source(d.source, d.split, d.get("data_dir"))
   shard = pipelines.Shard.of_this_process()
   spe = pipelines.steps_per_epoch(source, host_batch, shard.count)
-  steps = total_steps(config, spe)
+  steps = runs.total_steps(config, spe)
 
   graphdef, state, tx, lr_fn = create_state(config, cfg, mesh, steps)
   rep = sharding.replicated(mesh)

@@ -31,10 +31,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from beit_jax import convert, model_files, models
+from beit_jax import model_files, models
 from beit_jax.models import segmentation
-from beit_jax.train import checkpoints, finetune, loop, metrics, optim, seg_eval, sharding
-from beit_jax.train.pretrain import check_batch, total_steps
+from beit_jax.train import checkpoints, loop, metrics, optim, runs, seg_eval, sharding, weights
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,7 +93,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def model_configs(config, num_classes: int) -> tuple[models.BeitConfig, segmentation.SegConfig]:
-  bcfg = finetune.model_config(config, 0)
+  bcfg = weights.classifier_config(config, 0)
   seg = dict(config.seg)
   seg = segmentation.SegConfig(num_classes=num_classes, **{k: tuple(v) if isinstance(v, (list, tuple)) else v
                                                           for k, v in seg.items()})
@@ -103,12 +102,12 @@ def model_configs(config, num_classes: int) -> tuple[models.BeitConfig, segmenta
 
 def init_model(config, bcfg, seg_cfg) -> segmentation.UperNet:
   """UperNet on the backbone `config.init` names (fine-tuning's one loader), heads freshly initialised."""
-  backbone = finetune.init_model(config.init, bcfg, config.seed)
+  backbone = weights.classifier(config.init, bcfg, config.seed)
   return segmentation.UperNet(backbone, seg_cfg, rngs=nnx.Rngs(config.seed))
 
 
 def create_state(config, bcfg, seg_cfg, mesh, steps: int, *, abstract: bool = False):
-  """(graphdef, train state, optimizer, lr schedule), as finetune.create_state."""
+  """(graphdef, train state, optimizer, lr schedule), as fine-tuning's create_state."""
   if abstract:
     create = lambda: segmentation.UperNet(models.Beit(bcfg, rngs=models.beit.make_rngs(config.seed)), seg_cfg,
                                           rngs=nnx.Rngs(config.seed))
@@ -179,9 +178,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   workdir = pathlib.Path(workdir)
   check_config(config)
-  finetune.check_init(config.init)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
-  host_batch = check_batch(config, mesh)
+  weights.parse(config.init)
+  mesh = runs.make_mesh(config)
+  host_batch = runs.check_batch(config, mesh)
   d = config.data
   train_source = source(config, d.split)
   held_out = None
@@ -190,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     held_out = source(config, config.eval_split)
   bcfg, seg_cfg = model_configs(config, train_source.num_classes)
   shard = pipelines.Shard.of_this_process()
-  steps = total_steps(config, pipelines.steps_per_epoch(train_source, host_batch, shard.count))
+  steps = runs.total_steps(config, pipelines.steps_per_epoch(train_source, host_batch, shard.count))
 
   graphdef, state, tx, lr_fn = create_state(config, bcfg, seg_cfg, mesh, steps)
   ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
@@ -237,24 +236,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {"state": state, "graphdef": graphdef, "metrics": last, "model": model, "confusion": confusion}
 
 
-def segmenter_of(init: str, seed: int = 0, **kw) -> segmentation.UperNet:
-  """The whole segmentation model `init` names: "checkpoint:DIR" (saved by this loop) or "pytorch:PATH" (a
-  unilm/mmseg or transformers segmentation checkpoint)."""
-  if not init:
-    raise ValueError("config.init is empty: name the segmentation model to evaluate ('checkpoint:DIR' or "
-                     "'pytorch:PATH')")
-  finetune.check_init(init)
-  kind, _, path = init.partition(":")
-  if kind == "checkpoint":
-    return model_files.load_segmenter(path)
-  return convert.load_segmentation_checkpoint(path, seed=seed, **kw)
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`config.mode = "seg_eval"`: mIoU of the segmentation model `config.init` names on `config.eval_split`."""
   check_config(config)
-  model = segmenter_of(config.init, config.seed, img_size=config.data.crop_size)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
+  model = weights.segmenter(config.init, config.seed, img_size=config.data.crop_size)
+  mesh = runs.make_mesh(config)
   held_out = source(config, config.eval_split)
   num_classes = held_out.num_classes
   if model.cfg.num_classes != num_classes:

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from beit_jax.tokenizers import discriminator, losses, saving, vqgan
-from beit_jax.train import checkpoints, loop, metrics, optim, pretrain, sharding
+from beit_jax.train import checkpoints, loop, metrics, optim, runs, sharding
 
 
 def psnr(x, y):
@@ -173,8 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.get("num_devices") or None])
-  host_batch = pretrain.check_batch(config, mesh)
+  mesh = runs.make_mesh(config)
+  host_batch = runs.check_batch(config, mesh)
   tcfg = vqgan.get_config(config.tokenizer.name, **dict(config.tokenizer.get("overrides", {})))
   d = config.data
   if d.channels != tcfg.channels:
@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_source = sources.get_source(d.source, d.eval_split, d.get("data_dir"))
   shard = pipelines.Shard.of_this_process()
   spe = pipelines.steps_per_epoch(source, host_batch, shard.count)
-  steps = pretrain.total_steps(config, spe)
+  steps = runs.total_steps(config, spe)
   seed = config.seed
 
   parts = create_state(config, tcfg, mesh, steps)

@@ -1,10 +1,37 @@
-"""Default config blocks shared by the files in configs/ (each file sets what differs and says how to run it).
+"""The run configs (this folder's files, one per run; `configs/` in the repository is a link here) and the
+default blocks they share (below: each file sets what differs from them and says how to run it).
 
 The defaults are the paper's hyper-parameters (BEiT section 2.5 / Table 12, unilm run_beit_pretraining.py).
+The files ship with the package: after a plain `pip install`, `load(name, arg)` gives a config in Python and
+`path(name)` the file for `beit-train --config=PATH[:arg]`.
 """
 from __future__ import annotations
 
+import importlib
+import pathlib
+
 import ml_collections
+
+HERE = pathlib.Path(__file__).parent
+
+
+def names() -> list[str]:
+  """The config files' names (fmnist_pretrain, beit_base_pretrain, ...)."""
+  return sorted(f.stem for f in HERE.glob("*.py") if f.stem != "__init__")
+
+
+def path(name: str) -> pathlib.Path:
+  """The file of config `name`, for `--config=PATH[:arg]`."""
+  if name not in names():
+    raise ValueError(f"no config named {name!r}; the configs: {', '.join(names())}")
+  return HERE / f"{name}.py"
+
+
+def load(name: str, arg: str = "") -> ml_collections.ConfigDict:
+  """Config `name`'s get_config(arg), as `--config=configs/NAME.py:arg` loads it (every get_config's argument
+  defaults to "")."""
+  path(name)  # an unknown name fails here, naming the known ones
+  return importlib.import_module(f"{__name__}.{name}").get_config(arg)
 
 
 def _run_keys(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
