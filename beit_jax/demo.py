@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import pathlib
 import time
 from typing import Any
@@ -40,7 +39,7 @@ import numpy as np
 from absl import app, flags
 
 from beit_jax import configs
-from beit_jax.train import modes
+from beit_jax.train import console, modes
 
 TRAIN_SIZE = 60000  # Fashion-MNIST's training split
 
@@ -456,6 +455,9 @@ _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "print the table of what th
 
 def main(argv):
   del argv
+  # The stages' progress lines on the console, every library's INFO lines in workdir/log.txt.
+  console.quiet()
+  console.log_to(_WORKDIR.value)
   if _TABLE_ONLY.value:
     results = json.loads((pathlib.Path(_WORKDIR.value) / "results.json").read_text())
     print(table(results, _SCALE.value))
@@ -468,5 +470,4 @@ def main(argv):
 if __name__ == "__main__":
   from beit_jax.train import preemption  # pylint: disable=ungrouped-imports
   preemption.install()  # SIGTERM from the start: the running stage stops cleanly and the rerun resumes it
-  logging.getLogger().setLevel(logging.WARNING)
   app.run(main)

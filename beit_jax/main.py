@@ -15,6 +15,9 @@ set-up itself), `jax.distributed.initialize()` runs before anything touches a de
 SIGTERM (a preemption notice) is taken over as the process starts, before jax is imported: at any moment of
 start-up, compile or training it ends the run cleanly, exit status 0, with a checkpoint where there is a step to
 save (train/preemption.py); the rerun resumes.
+
+The console shows one progress line per `config.log_every` steps and a last line saying where the model and the
+metrics are; the libraries' INFO lines go to workdir/log.txt (train/console.py; `--verbose` shows them too).
 """
 from __future__ import annotations
 
@@ -24,18 +27,21 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from beit_jax.train import preemption
+from beit_jax.train import console, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go (a rerun resumes from it)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "every library's INFO lines on the console too (else in workdir/log.txt)")
 
 
 def main(argv):
   del argv
+  console.quiet(_VERBOSE.value)  # before jax: its backend set-up logs at INFO
   import jax  # pylint: disable=import-outside-toplevel
   if _DISTRIBUTED.value or os.environ.get("BEIT_JAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()
+  console.log_to(_WORKDIR.value, jax.process_index())
   logging.info("process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   from beit_jax.train import modes  # pylint: disable=import-outside-toplevel  (jax, after install())

@@ -23,7 +23,8 @@ def _clean_env(**extra) -> dict:
 
 def _run(cmd, cwd, timeout=900, **kw):
   res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_clean_env(), **kw)
-  assert res.returncode == 0, f"{' '.join(map(str, cmd))} exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+  assert res.returncode == 0, (f"{' '.join(map(str, cmd))} exited {res.returncode}:\n{res.stdout[-2000:]}\n"
+                               f"{res.stderr[-4000:]}")
   return res
 
 

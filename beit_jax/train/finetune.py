@@ -26,7 +26,7 @@ from flax import nnx
 
 from beit_jax import model_files, models
 from beit_jax.data import mixup
-from beit_jax.train import checkpoints, loop, metrics, optim, runs, sharding, weights
+from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, sharding, weights
 
 # ---------------------------------------------------------------------------------------------------------------
 # The steps
@@ -200,13 +200,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         res = evaluate(eval_fn, state["ema"], state["rest"], held_out())
         last.update(eval_ema_top1=res["top1"], eval_ema_top5=res["top5"])
     writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
-  logging.info("fine-tuning done in %.0f s: %s", time.time() - t0, last)
+  logging.info("%s", console.done("fine-tuning", workdir, time.time() - t0, last, model_dir))
   return {"state": state, "graphdef": graphdef, "metrics": last, "model_config": cfg}
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`config.mode = "eval"`: top-1/top-5 of the classifier `config.init` names on `config.eval_split`."""
   from beit_jax.data import sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  t0 = time.time()
   weights.require(config.init, "classifier")
   mesh = runs.make_mesh(config)
   host_batch = runs.check_batch(config, mesh)
@@ -222,5 +223,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   writer = metrics.create_writer(str(workdir))
   writer.write_scalars(0, out)
   writer.flush()
-  logging.info("evaluation of %s on %s: %s", config.init, config.eval_split, out)
+  logging.info("%s", console.done(f"evaluation of {config.init} on {config.eval_split}", workdir,
+                                   time.time() - t0, out))
   return {"metrics": out}

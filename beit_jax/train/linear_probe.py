@@ -30,7 +30,7 @@ from flax import nnx
 
 from beit_jax import models
 from beit_jax.models.heads import LinearProbes, probe_features
-from beit_jax.train import checkpoints, loop, metrics, optim, runs, sharding, weights
+from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, sharding, weights
 
 
 def load_backbone(config: ml_collections.ConfigDict) -> models.Beit:
@@ -254,5 +254,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last.update({f"eval_top1_block{b}": float(a) for b, a in zip(blocks, per_block)})
     last.update(eval_top1=float(per_block[best]), eval_best_block=blocks[best], eval_count=float(sums["count"]))
     writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
-  logging.info("linear probe done in %.0f s: %s", time.time() - t0, last)
+  logging.info("%s", console.done("linear probe", workdir, time.time() - t0, last))
   return {"state": state, "metrics": last, "blocks": blocks}

@@ -2,8 +2,9 @@
 
 Each training mode (tokenizer.py, pretrain.py, finetune.py, linear_probe.py, segmentation.py) builds its state,
 its jitted step and its batches, then hands them here: one step per iteration, the clu hooks (progress,
-profiler), the mean of the step metrics every `config.log_every` steps (where a non-finite loss stops the run,
-naming the step, with the last checkpoint intact), a checkpoint every `config.ckpt_every` steps and at the end,
+profiler), the mean of the step metrics every `config.log_every` steps into TensorBoard and as one console line
+(train/console.py; a non-finite loss stops the run there, naming the step, with the last checkpoint intact), a
+checkpoint every `config.ckpt_every` steps and at the end,
 and SIGTERM (preemption, train/preemption.py) answered by a checkpoint and a clean stop. `after_step` adds
 mode-specific work (the tokenizer's periodic evaluation) and may return figures for the last log.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Mapping, Optional
 
-from beit_jax.train import checkpoints, metrics, preemption
+from beit_jax.train import checkpoints, console, metrics, preemption
 
 
 def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, start: int, steps: int,
@@ -24,6 +25,7 @@ def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, st
   nothing new to save. One during a step (the first one's compile included) stops it after that step's
   checkpoint."""
   history, last = [], {}
+  progress = console.Progress(start, steps, config.batch_size)
   with preemption.listening():
     try:
       for step in range(start + 1, steps + 1):
@@ -43,6 +45,7 @@ def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, st
           last = metrics.mean_of(history)
           history = []
           writer.write_scalars(step, last)
+          logging.info("%s", progress.line(step, last))
         if after_step is not None:
           last.update(after_step(step, state) or {})
         if step % config.ckpt_every == 0 or step == steps or stop:

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from beit_jax import model_files, models, tokenizers
-from beit_jax.train import checkpoints, loop, metrics, optim, runs, sharding
+from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, sharding
 
 # What every pre-training model is, whatever the named variant (beit/modeling_pretrain.py).
 PRETRAIN_LAYOUT = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mask_token=True,
@@ -222,5 +222,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               device.global_batches(it, mesh, sharding.BATCH_AXES))
     last.update(held_out_figures(sums, cfg.vocab_size))
     writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
-  logging.info("pre-training done in %.0f s: %s", time.time() - t0, last)
+  logging.info("%s", console.done("pre-training", workdir, time.time() - t0, last, model_dir))
   return {"state": state, "graphdef": graphdef, "metrics": last, "model_config": cfg}

@@ -33,7 +33,7 @@ from flax import nnx
 
 from beit_jax import model_files, models
 from beit_jax.models import segmentation
-from beit_jax.train import checkpoints, loop, metrics, optim, runs, seg_eval, sharding, weights
+from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, seg_eval, sharding, weights
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,12 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last.update(res)
     writer.write_scalars(steps, {k: v for k, v in last.items() if k.startswith("eval_")})
     writer.flush()
-  logging.info("segmentation training done in %.0f s: %s", time.time() - t0, last)
+  logging.info("%s", console.done("segmentation training", workdir, time.time() - t0, last,
+                                   workdir / "model"))
   return {"state": state, "graphdef": graphdef, "metrics": last, "model": model, "confusion": confusion}
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`config.mode = "seg_eval"`: mIoU of the segmentation model `config.init` names on `config.eval_split`."""
+  t0 = time.time()
   check_config(config)
   model = weights.segmenter(config.init, config.seed, img_size=config.data.crop_size)
   mesh = runs.make_mesh(config)
@@ -256,5 +258,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   writer = metrics.create_writer(str(workdir))
   writer.write_scalars(0, out)
   writer.flush()
-  logging.info("evaluation of %s on %s: %s", config.init, config.eval_split, out)
+  logging.info("%s", console.done(f"evaluation of {config.init} on {config.eval_split}", workdir,
+                                   time.time() - t0, out))
   return {"metrics": out, "confusion": confusion}

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from beit_jax.tokenizers import discriminator, losses, saving, vqgan
-from beit_jax.train import checkpoints, loop, metrics, optim, runs, sharding
+from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, sharding
 
 
 def psnr(x, y):
@@ -244,5 +244,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   out_dir = workdir / "tokenizer"
   if finished and not (out_dir / str(steps)).exists():  # every process calls orbax: multi-host saves are collective
     saving.save_peco(out_dir, tok, step=steps)
-  logging.info("tokenizer training done in %.0f s: %s", time.time() - t0, last)
+  logging.info("%s", console.done("tokenizer training", workdir, time.time() - t0, last, out_dir))
   return {"state": state, "tokenizer": tok, "metrics": last}
