@@ -8,12 +8,10 @@ loss near 6.3 and masked-token accuracy near 0.05 after 300 epochs (unilm#383); 
 ImageNet-1K (800 epochs; 82.86 after 300, paper Table 4). The argument is OpenAI's DALL-E encoder
 (encoder.pkl, or its conversion to .safetensors with beit_jax.tokenizers.dalle.save_safetensors).
 
-On a TPU slice, append it (`:ENCODER,v5p-32`): bf16 compute, batch 2048 data-parallel over every chip. Compiled
-ahead of time with `python -m beit_jax.compile_for --config=configs/beit_base_pretrain.py:,SLICE` (2026-11-25,
-jax 0.10.2 / libtpu 0.0.42.1; expected images/s at 50% MFU):
-  v5p-32 (16 chips)  18.2 GiB per chip of 95 (1.3 arguments + 16.9 temporaries), 327 TFLOP/step, ~23,000 img/s
-  v5e-64 (64 chips)   5.1 GiB per chip of 16 (1.3 + 3.9),                          330 TFLOP/step, ~39,000 img/s
-  v4-32  (16 chips)   see BENCHMARKS.md
+On a TPU slice, append it (`:ENCODER,v5p-32`): bf16 compute, batch 2048 data-parallel over every chip.
+`python -m beit_jax.compile_for --config=configs/beit_base_pretrain.py:,SLICE` compiles it ahead of time for the
+slice and prints memory per chip, FLOPs per step and the images/s expected at 50% MFU; BENCHMARKS.md (pod table)
+has those figures for v4, v5e and v5p slices, with the date and versions they were measured with.
 """
 from beit_jax import configs
 

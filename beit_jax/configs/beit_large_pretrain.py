@@ -5,13 +5,10 @@
 Fine-tuned after 800 epochs the paper reports 85.2% top-1 on ImageNet-1K at 224 px. Shard the parameters
 (e.g. --config.mesh.fsdp=8) on accelerators with less than 32 GB.
 
-On a TPU slice, append it (`:ENCODER,v5p-32`): bf16 compute, batch 2048 data-parallel over every chip. Compiled
-ahead of time with `python -m beit_jax.compile_for --config=configs/beit_large_pretrain.py:,SLICE` (2026-11-25,
-jax 0.10.2 / libtpu 0.0.42.1; expected images/s at 50% MFU):
-  v5p-32 (16 chips)  42.1 GiB per chip of 95 (3.8 arguments + 38.4 temporaries), 874 TFLOP/step, ~8,600 img/s
-  v5e-64 (64 chips)  11.6 GiB per chip of 16 (3.7 + 7.9), 880 TFLOP/step, ~14,700 img/s; with fsdp=64
-                     (--config.mesh.data=1 --config.mesh.fsdp=64) 9.0 GiB, the state 62x smaller per chip
-  v4-32  (16 chips)  see BENCHMARKS.md
+On a TPU slice, append it (`:ENCODER,v5p-32`): bf16 compute, batch 2048 data-parallel over every chip (on
+v5e, whose chips hold 16 GiB, --config.mesh.data=1 --config.mesh.fsdp=64 shards the state).
+`python -m beit_jax.compile_for --config=configs/beit_large_pretrain.py:,SLICE` compiles it ahead of time for the
+slice; BENCHMARKS.md (pod table) has its memory per chip, FLOPs per step and expected images/s per slice.
 """
 from beit_jax import configs
 

@@ -8,11 +8,9 @@ ViT-H/14 at 224 px has a 16x16 patch grid, so the f16 tokenizer sees the 256 px 
 recipe (LayerScale 1e-5, clip 1.0). The tokenizer must be trained at 256 px (configs/peco_tokenizer.py with
 --config.tokenizer.overrides.input_size=256 and attn_resolutions=(16,)).
 
-Compiled ahead of time for v5p-128 (64 chips; `python -m beit_jax.compile_for
---config=configs/peco_huge_pretrain.py:,v5p-128`, 2026-11-25, jax 0.10.2 / libtpu 0.0.42.1), batch 2048 data
-parallel in bf16: 31.9 GiB per chip of 95 (7.3 arguments + 24.6 temporaries), 2,370 TFLOP/step (XLA/analytic
-1.007), ~12,700 images/s expected at 50% MFU. Data parallelism fits, so it is the default (fsdp saves state
-memory it does not need here; BENCHMARKS.md has the fsdp and ViT-g rows).
+Batch 2048 data parallel in bf16 fits a v5p-128 (`python -m beit_jax.compile_for
+--config=configs/peco_huge_pretrain.py:,v5p-128` compiles it ahead of time), so it is the default; BENCHMARKS.md
+(pod table) has its memory per chip, FLOPs and expected images/s, and the fsdp and ViT-g rows.
 """
 from beit_jax import configs
 
