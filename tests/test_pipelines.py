@@ -277,3 +277,59 @@ def test_labels_out_of_range_are_an_error_naming_the_example(fmnist_train):
   with pytest.raises(ValueError, match=r"is outside \[0, 5\)"):
     next(pipelines.eval_batches(wrong, t, host_batch=16))
   assert next(pipelines.eval_batches(fmnist_train, t, host_batch=16))["label"].max() <= 9  # right: no error
+
+
+def test_entry_points_yield_their_modes_keys_and_the_masks_of_pipelines(fmnist_train):
+  """Each mode's entry point reads config.data (the Fashion-MNIST configs') and yields exactly KEYS[mode], shaped
+  and typed for that mode's step; the masks are made in the pipeline: training's of (seed, index, epoch), the
+  pre-training evaluation's MaskSpec.make(seed + 1, index, 0), padding rows' included, its "valid" float32."""
+  from beit_jax import configs  # pylint: disable=import-outside-toplevel
+  pre, ft, probe, tok = (configs.load(name).data for name in ("fmnist_pretrain", "fmnist_finetune",
+                                                               "fmnist_linear_probe", "fmnist_tokenizer"))
+  seg, seg_eval_scale = configs.load("fmnist_segmentation").data, configs.load("fmnist_segmentation").eval.scale
+  masks = pipelines.mask_spec(pre, (7, 7))
+  train = dict(host_batch=16, seed=3, start_step=5)
+  batches = {  # mode -> its first batch and the shapes and dtypes of its keys
+      "pretrain_train": (pipelines.pretrain_train(pre, fmnist_train, masks=masks, **train),
+                         {"image": ((16, 28, 28, 3), np.float32), "tokenizer_image": ((16, 28, 28, 3), np.float32),
+                          "mask": ((16, 7, 7), bool)}),
+      "pretrain_eval": (pipelines.pretrain_eval(pre, "test[:40]", host_batch=16, seed=3, masks=masks),
+                        {"image": ((16, 28, 28, 3), np.float32), "tokenizer_image": ((16, 28, 28, 3), np.float32),
+                         "mask": ((16, 7, 7), bool), "valid": ((16,), np.float32)}),
+      "classification_train": (pipelines.classification_train(ft, fmnist_train, **train),
+                               {"image": ((16, 28, 28, 3), np.float32), "label": ((16,), np.int32)}),
+      "linear_probe_train": (pipelines.linear_probe_train(probe, "train", **train),
+                             {"image": ((16, 28, 28, 3), np.float32), "label": ((16,), np.int32)}),
+      "classification_eval": (pipelines.classification_eval(ft, "test[:40]", host_batch=16),
+                              {"image": ((16, 28, 28, 3), np.float32), "label": ((16,), np.int32),
+                               "valid": ((16,), bool)}),
+      "tokenizer_train": (pipelines.tokenizer_train(tok, fmnist_train, image_size=32, **train),
+                          {"image": ((16, 32, 32, 3), np.float32)}),
+      "tokenizer_eval": (pipelines.tokenizer_eval(tok, "test[:40]", image_size=32, host_batch=16),
+                         {"image": ((16, 32, 32, 3), np.float32), "valid": ((16,), bool)}),
+      "segmentation_train": (pipelines.segmentation_train(seg, "train", **train),
+                             {"image": ((16, 64, 64, 3), np.float32), "annotation": ((16, 64, 64), np.uint8)}),
+      "segmentation_eval": (pipelines.segmentation_eval(seg, "test[:10]", host_batch=4, scale=seg_eval_scale),
+                            {"image": ((4, 64, 96, 3), np.float32), "annotation": ((4, 64, 96), np.uint8),
+                             "size": ((4, 2), np.int32), "transposed": ((4,), bool), "valid": ((4,), bool)}),
+  }
+  assert set(batches) == set(pipelines.KEYS)
+  for mode, (it, spec) in batches.items():
+    b = next(it)
+    assert tuple(b) == pipelines.KEYS[mode] == tuple(spec), mode
+    for k, (shape, dtype) in spec.items():
+      assert b[k].shape == shape and b[k].dtype == dtype, (mode, k, b[k].shape, b[k].dtype)
+  assert 0.0 <= b["annotation"].min() and b["valid"].all()  # segmentation_eval: 10 canvases, 4 a batch
+
+  # The masks against the example indices of the same batches (their order does not depend on the transform).
+  ref = next(pipelines.train_batches(fmnist_train, pipelines.eval_transform(image_size=28), host_batch=16, seed=3,
+                                     start_step=5))
+  np.testing.assert_array_equal(next(pipelines.pretrain_train(pre, fmnist_train, masks=masks, **train))["mask"],
+                                masks.make(3, ref["index"], int(ref["epoch"][0])))
+  held_out = sources.get_source("fashion_mnist_files", "test[:40]")
+  ref = list(pipelines.eval_batches(held_out, pipelines.plain_transform(image_size=28), host_batch=16))
+  ev = list(pipelines.pretrain_eval(pre, held_out, host_batch=16, seed=3, masks=masks))
+  assert len(ev) == len(ref) == 3 and sum(b["valid"].sum() for b in ev) == 40  # 8 padding rows in the last
+  for b, r in zip(ev, ref):
+    np.testing.assert_array_equal(b["mask"], masks.make(3 + 1, r["index"], 0))
+    np.testing.assert_array_equal(b["valid"], r["valid"].astype(np.float32))

@@ -5,6 +5,11 @@
                           masks=MaskSpec(grid=(14, 14)))
   batch = next(batches)  # {"image", "tokenizer_image", "mask", "label", "index", "skipped"}: numpy arrays
 
+Trainers call one entry point per mode and split instead (pretrain_train, pretrain_eval, classification_train,
+linear_probe_train, classification_eval, tokenizer_train, tokenizer_eval, segmentation_train, segmentation_eval, at
+the end of this file): each reads config.data, takes what only the trainer knows (split, host batch, seed, start
+step, shard, masks, image size) and yields just the keys KEYS names for that mode's step.
+
 Multi-host: each host reads shard (jax.process_index() of jax.process_count()) and makes batches of
 global_batch / process_count; `device.global_batches` turns them into global arrays on the mesh.
 
@@ -27,11 +32,12 @@ import dataclasses
 import math
 from typing import Callable, Iterator, Optional
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from beit_jax.data import augment, masking
+from beit_jax.data import augment, masking, sources
 from beit_jax.data.sources import SEG_IGNORE, Source
 
 IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -238,6 +244,15 @@ def _options(threads: Optional[int] = None) -> tf.data.Options:
   return options
 
 
+def _with_masks(ds: tf.data.Dataset, masks: MaskSpec, seed: int, epoch: int, host_batch: int) -> tf.data.Dataset:
+  """Each batch with its "mask" of (seed, epoch, example index): the one place masks are made, training's and
+  evaluation's alike (masking.py's are pure functions of those, so a resume or another host split draws the same)."""
+  def add(batch):
+    m = tf.numpy_function(lambda idx: masks.make(seed, idx, epoch), [batch["index"]], tf.bool, stateful=False)
+    return {**batch, "mask": tf.ensure_shape(m, (host_batch, *masks.grid))}
+  return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def train_batches(source: Source, transform: Transform, *, host_batch: int, seed: int, start_step: int = 0,
                   shard: Shard = Shard(), masks: Optional[MaskSpec] = None, channels: int = 3,
                   prefetch: int = 2, threads: Optional[int] = None) -> Iterator[dict[str, np.ndarray]]:
@@ -253,10 +268,7 @@ def train_batches(source: Source, transform: Transform, *, host_batch: int, seed
                 deterministic=True)
     ds = ds.batch(host_batch, drop_remainder=True).take(spe - offset)
     if masks is not None:
-      def add_masks(batch, e=epoch):
-        m = tf.numpy_function(lambda idx: masks.make(seed, idx, e), [batch["index"]], tf.bool, stateful=False)
-        return {**batch, "mask": tf.ensure_shape(m, (host_batch, *masks.grid))}
-      ds = ds.map(add_masks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      ds = _with_masks(ds, masks, seed, epoch, host_batch)
     ds = ds.map(lambda b, e=epoch: {**b, "epoch": tf.fill([host_batch], tf.constant(e, tf.int32))})
     for batch in tfds.as_numpy(ds.with_options(_options(threads)).prefetch(prefetch)):
       yield check_labels(batch, source)
@@ -294,9 +306,11 @@ def check_labels(batch: dict[str, np.ndarray], source: Source) -> dict[str, np.n
 
 
 def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard: Shard = Shard(),
-                 channels: int = 3, threads: Optional[int] = None) -> Iterator[dict[str, np.ndarray]]:
+                 channels: int = 3, threads: Optional[int] = None, masks: Optional[MaskSpec] = None,
+                 mask_seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the split, each example exactly once across hosts; every host yields the same number of
-  batches, padded with `valid=False` rows (weight metrics by `valid`)."""
+  batches, padded with `valid=False` rows (weight metrics by `valid`). `masks`: each batch also carries the masks
+  of (mask_seed, epoch 0, index), padding rows' included."""
   num_batches = math.ceil(math.ceil(source.num_examples / shard.count) / host_batch)
   ds = decoded(source.read(shard_index=shard.index, shard_count=shard.count), source.encoded, channels,
                reduce_zero_label=source.reduce_zero_label)
@@ -306,7 +320,10 @@ def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard
   pad = {k: tf.zeros(v.shape, v.dtype) for k, v in spec.items()}
   pad["valid"] = tf.constant(False)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * host_batch)
-  return (check_labels(b, source) for b in tfds.as_numpy(ds.batch(host_batch).with_options(_options(threads)).prefetch(2)))
+  ds = ds.batch(host_batch)  # every batch full: the padding fills the last
+  if masks is not None:
+    ds = _with_masks(ds, masks, mask_seed, 0, host_batch)
+  return (check_labels(b, source) for b in tfds.as_numpy(ds.with_options(_options(threads)).prefetch(2)))
 
 
 # -- semantic segmentation ---------------------------------------------------------------------------------------
@@ -352,3 +369,149 @@ def seg_eval_transform(*, crop_size: int, scale=(2048, 512), mean_std=INCEPTION)
     image, ann = augment.pad_pair(augment.normalize(image, *mean_std), ann, rows, cols)
     return {"image": image, "annotation": ann, "size": size, "transposed": transposed, "index": ex["index"]}
   return fn
+
+
+# -- one entry point per mode and split --------------------------------------------------------------------------
+# The keys each entry point yields: what that mode's step reads, nothing more (a trainer's batch specs can be read
+# from here). segmentation_eval's "size" is the one no step reads: the trainer lays each image's sliding windows
+# from it (train/seg_eval.window_grid).
+KEYS = {
+    "pretrain_train": ("image", "tokenizer_image", "mask"),
+    "pretrain_eval": ("image", "tokenizer_image", "mask", "valid"),
+    "classification_train": ("image", "label"),
+    "linear_probe_train": ("image", "label"),
+    "classification_eval": ("image", "label", "valid"),
+    "tokenizer_train": ("image",),
+    "tokenizer_eval": ("image", "valid"),
+    "segmentation_train": ("image", "annotation"),
+    "segmentation_eval": ("image", "annotation", "size", "transposed", "valid"),
+}
+Data = ml_collections.ConfigDict  # a config's `data` block (configs/__init__.py names its keys per mode)
+
+
+def source_of(data: Data, split: str) -> Source:
+  """The split `split` of the source data.source names (data.data_dir: where tfds keeps its datasets)."""
+  return sources.get_source(data.source, split, data.get("data_dir"))
+
+
+def seg_source_of(data: Data, split: str) -> Source:
+  """The split `split` of the segmentation source data.source names (data.num_classes > 0: its class count)."""
+  return sources.get_seg_source(data.source, split, data.get("data_dir"), data.get("num_classes", 0))
+
+
+def mask_spec(data: Data, grid: tuple[int, int]) -> MaskSpec:
+  """The masks data.mask describes, on the model's patch grid (only the model knows it)."""
+  return MaskSpec(grid=tuple(grid), **dict(data.mask))
+
+
+def _split(data: Data, split: str | Source, make: Callable[[Data, str], Source] = source_of) -> Source:
+  """A split name read from data.source, or the Source a trainer already holds (it counts steps and classes on
+  its training split: one read of the files, not two)."""
+  return split if isinstance(split, Source) else make(data, split)
+
+
+def _only(mode: str, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+  keys = KEYS[mode]
+  return ({k: b[k] for k in keys} for b in batches)
+
+
+def pretrain_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
+                   shard: Shard = Shard(), masks: MaskSpec) -> Iterator[dict[str, np.ndarray]]:
+  """Pre-training's batches from `start_step` on: the model view and the tokenizer view of one augmented crop
+  (pretrain_transform) and the masks of (seed, epoch, index)."""
+  transform = pretrain_transform(
+      seed=seed, image_size=data.image_size, tokenizer_size=data.tokenizer_size,
+      tokenizer_resize=data.tokenizer_resize, color_jitter=data.color_jitter, mean_std=mean_std(data.mean_std),
+      scale=tuple(data.crop_scale))
+  return _only("pretrain_train", train_batches(
+      _split(data, split), transform, host_batch=host_batch, seed=seed, start_step=start_step, shard=shard,
+      masks=masks, channels=3, threads=data.get("threads")))
+
+
+def pretrain_eval(data: Data, split: str | Source, *, host_batch: int, seed: int, shard: Shard = Shard(),
+                  masks: MaskSpec) -> Iterator[dict[str, np.ndarray]]:
+  """The held-out masked-token accuracy's batches: both views of the whole image (mim_eval_transform) and the
+  masks of (seed + 1, epoch 0, index): a draw of their own (seed itself would repeat epoch 0's training masks of
+  the same indices), the same at every evaluation. "valid" is float32, the weight the step multiplies by."""
+  transform = mim_eval_transform(image_size=data.image_size, tokenizer_size=data.tokenizer_size,
+                                 tokenizer_resize=data.tokenizer_resize, mean_std=mean_std(data.mean_std))
+  it = eval_batches(_split(data, split), transform, host_batch=host_batch, shard=shard, threads=data.get("threads"),
+                    masks=masks, mask_seed=seed + 1)
+  return ({**b, "valid": b["valid"].astype(np.float32)} for b in _only("pretrain_eval", it))
+
+
+def _classification_train(mode: str, data: Data, split: str | Source, *, host_batch: int, seed: int,
+                          start_step: int, shard: Shard, rand_augment, erase_prob: float):
+  transform = finetune_transform(seed=seed, image_size=data.image_size, scale=tuple(data.augment.crop_scale),
+                                 rand_augment=rand_augment, erase_prob=erase_prob, mean_std=mean_std(data.mean_std))
+  return _only(mode, train_batches(_split(data, split), transform, host_batch=host_batch, seed=seed,
+                                   start_step=start_step, shard=shard, channels=3, threads=data.get("threads")))
+
+
+def classification_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
+                         shard: Shard = Shard()) -> Iterator[dict[str, np.ndarray]]:
+  """Fine-tuning's batches from `start_step` on: images augmented as data.augment says (finetune_transform:
+  crop, flip, RandAugment, random erasing; mixup/cutmix come later, on device) and their labels."""
+  aug = data.augment
+  return _classification_train("classification_train", data, split, host_batch=host_batch, seed=seed,
+                               start_step=start_step, shard=shard,
+                               rand_augment=tuple(aug.rand_augment) if aug.rand_augment else None,
+                               erase_prob=aug.erase_prob)
+
+
+def linear_probe_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
+                       shard: Shard = Shard()) -> Iterator[dict[str, np.ndarray]]:
+  """The linear probe's batches from `start_step` on: random-resized crop (data.augment.crop_scale) and flip
+  alone, whatever data.augment says of RandAugment and erasing (unilm run_linear_eval's augmentation)."""
+  return _classification_train("linear_probe_train", data, split, host_batch=host_batch, seed=seed,
+                               start_step=start_step, shard=shard, rand_augment=None, erase_prob=0.0)
+
+
+def classification_eval(data: Data, split: str | Source, *, host_batch: int,
+                        shard: Shard = Shard()) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `split`, resized and centre-cropped (eval_transform, data.crop_pct), with labels and "valid"
+  (padding rows False): fine-tuning's and the linear probe's evaluation, and the probe's precomputed features."""
+  transform = eval_transform(image_size=data.image_size, crop_pct=data.get("crop_pct"),
+                             mean_std=mean_std(data.mean_std))
+  return _only("classification_eval", eval_batches(_split(data, split), transform, host_batch=host_batch,
+                                                   shard=shard, threads=data.get("threads")))
+
+
+def tokenizer_train(data: Data, split: str | Source, *, image_size: int, host_batch: int, seed: int,
+                    start_step: int = 0, shard: Shard = Shard()) -> Iterator[dict[str, np.ndarray]]:
+  """Tokenizer training's batches from `start_step` on: image_size crops (the tokenizer's input size) of
+  data.channels channels, in [0, 1] (tokenizer_transform)."""
+  transform = tokenizer_transform(seed=seed, image_size=image_size, scale=tuple(data.crop_scale))
+  return _only("tokenizer_train", train_batches(
+      _split(data, split), transform, host_batch=host_batch, seed=seed, start_step=start_step, shard=shard,
+      channels=data.channels, threads=data.get("threads")))
+
+
+def tokenizer_eval(data: Data, split: str | Source, *, image_size: int, host_batch: int,
+                   shard: Shard = Shard()) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `split` resized to image_size, in [0, 1] (plain_transform), with "valid"."""
+  return _only("tokenizer_eval", eval_batches(
+      _split(data, split), plain_transform(image_size=image_size), host_batch=host_batch, shard=shard,
+      channels=data.channels, threads=data.get("threads")))
+
+
+def segmentation_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
+                       shard: Shard = Shard()) -> Iterator[dict[str, np.ndarray]]:
+  """Segmentation training's batches from `start_step` on: crop_size image/annotation pairs augmented as
+  mmseg's ADE20K pipeline (seg_train_transform: data.scale, ratio_range, cat_max_ratio, photometric)."""
+  transform = seg_train_transform(
+      seed=seed, crop_size=data.crop_size, scale=tuple(data.scale), ratio_range=tuple(data.ratio_range),
+      cat_max_ratio=data.cat_max_ratio, photometric=data.photometric, mean_std=mean_std(data.mean_std))
+  return _only("segmentation_train", train_batches(
+      _split(data, split, seg_source_of), transform, host_batch=host_batch, seed=seed, start_step=start_step,
+      shard=shard, channels=3, threads=data.get("threads")))
+
+
+def segmentation_eval(data: Data, split: str | Source, *, host_batch: int, shard: Shard = Shard(),
+                      scale: Optional[tuple[int, int]] = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `split` at the test scale (`scale`, the evaluation's own, or data.scale), each image on the
+  fixed canvas of seg_eval_transform with its "size" and "transposed", and "valid"."""
+  transform = seg_eval_transform(crop_size=data.crop_size, scale=tuple(scale or data.scale),
+                                 mean_std=mean_std(data.mean_std))
+  return _only("segmentation_eval", eval_batches(_split(data, split, seg_source_of), transform, host_batch=host_batch,
+                                                 shard=shard, threads=data.get("threads")))

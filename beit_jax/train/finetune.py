@@ -137,14 +137,13 @@ def jit_train_step(config, mesh, state, graphdef, tx, lr_fn, num_classes: int):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
   weights.parse(config.init)
   mesh = runs.make_mesh(config)
   host_batch = runs.check_batch(config, mesh)
-  d = config.data
-  source = sources.get_source(d.source, d.split, d.get("data_dir"))
+  source = pipelines.source_of(config.data, config.data.split)
   cfg = weights.classifier_config(config, source.num_classes)
   shard = pipelines.Shard.of_this_process()
   steps = runs.total_steps(config, pipelines.steps_per_epoch(source, host_batch, shard.count))
@@ -154,14 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
   step_fn = jit_train_step(config, mesh, state, graphdef, tx, lr_fn, cfg.num_classes)
 
-  aug = d.augment
-  transform = pipelines.finetune_transform(
-      seed=config.seed, image_size=d.image_size, scale=tuple(aug.crop_scale),
-      rand_augment=tuple(aug.rand_augment) if aug.rand_augment else None, erase_prob=aug.erase_prob,
-      mean_std=pipelines.mean_std(d.mean_std))
-  host_batches = ({"image": b["image"], "label": b["label"]} for b in pipelines.train_batches(
-      source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard,
-      channels=3, threads=d.get("threads")))
+  host_batches = pipelines.classification_train(config.data, source, host_batch=host_batch, seed=config.seed,
+                                                start_step=start, shard=shard)
   batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
@@ -206,13 +199,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`config.mode = "eval"`: top-1/top-5 of the classifier `config.init` names on `config.eval_split`."""
-  from beit_jax.data import sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
   t0 = time.time()
   weights.require(config.init, "classifier")
   mesh = runs.make_mesh(config)
   host_batch = runs.check_batch(config, mesh)
-  d = config.data
-  num_classes = sources.get_source(d.source, config.eval_split, d.get("data_dir")).num_classes
+  num_classes = pipelines.source_of(config.data, config.eval_split).num_classes
   model = weights.classifier(config.init, weights.classifier_config(config, num_classes), config.seed,
                              trained_head=True)
   graphdef, params, rest = sharding.place(model, mesh)

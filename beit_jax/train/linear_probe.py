@@ -155,14 +155,9 @@ def precomputed_features(config, mesh, host_batch: int, backbone_def, backbone_s
   full-batch on them (whitened, by L-BFGS): a multinomial logistic regression per block, run to convergence in
   a hundred or so cheap iterations instead of epochs of backbone forwards. It holds N x P x F floats: for data sets that fit (Fashion-MNIST:
   60,000 x 4 x 256), not ImageNet."""
-  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  d = config.data
-  source = sources.get_source(d.source, d.split, d.get("data_dir"))
-  transform = pipelines.eval_transform(image_size=d.image_size, crop_pct=d.get("crop_pct"),
-                                       mean_std=pipelines.mean_std(d.mean_std))
-  it = pipelines.eval_batches(source, transform, host_batch=host_batch, shard=pipelines.Shard.of_this_process(),
-                              threads=d.get("threads"))
-  it = ({"image": b["image"], "label": b["label"], "valid": b["valid"]} for b in it)
+  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  it = pipelines.classification_eval(config.data, config.data.split, host_batch=host_batch,
+                                     shard=pipelines.Shard.of_this_process())
   feats_fn = jax.jit(lambda state, images: jnp.swapaxes(
       _features(backbone_def, state, images, blocks, use_cls, normalize), 0, 1))
   local = {"features": [], "label": [], "valid": []}
@@ -178,14 +173,13 @@ def precomputed_features(config, mesh, host_batch: int, backbone_def, backbone_s
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
   weights.parse(config.init)
   mesh = runs.make_mesh(config)
   host_batch = runs.check_batch(config, mesh)
-  d = config.data
-  source = sources.get_source(d.source, d.split, d.get("data_dir"))
+  source = pipelines.source_of(config.data, config.data.split)
   shard = pipelines.Shard.of_this_process()
   features = config.probe.get("features", "augmented")
   if features not in ("augmented", "precomputed"):
@@ -224,13 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         **common),
                       in_shardings=(state_sh, batch_sh, backbone_sh), out_shardings=(state_sh, rep),
                       donate_argnums=(0,))  # "augmented", the paper's protocol: each step's crops through the frozen backbone
-    aug = d.augment
-    transform = pipelines.finetune_transform(
-        seed=config.seed, image_size=d.image_size, scale=tuple(aug.crop_scale), rand_augment=None,
-        erase_prob=0.0, mean_std=pipelines.mean_std(d.mean_std))
-    host_batches = ({"image": b["image"], "label": b["label"]} for b in pipelines.train_batches(
-        source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard, channels=3,
-        threads=d.get("threads")))
+    host_batches = pipelines.linear_probe_train(config.data, source, host_batch=host_batch, seed=config.seed,
+                                                start_step=start, shard=shard)
     batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
     run_step = lambda step, s: step_fn(s, next(batches), backbone_state)
 

@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -153,7 +152,7 @@ def jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, num_p
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
   mesh = runs.make_mesh(config)
@@ -166,9 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if tuple(tok_grid) != cfg.grid:
     raise ValueError(f"the tokenizer makes a {tok_grid} grid of ids from config.data.tokenizer_size="
                      f"{d.tokenizer_size} but the model has a {cfg.grid} grid of patches")
-  mean_std = pipelines.mean_std(d.mean_std)
-  mask_spec = pipelines.MaskSpec(grid=cfg.grid, **dict(d.mask))
-  source = sources.get_source(d.source, d.split, d.get("data_dir"))
+  mask_spec = pipelines.mask_spec(d, cfg.grid)
+  source = pipelines.source_of(d, d.split)
   shard = pipelines.Shard.of_this_process()
   spe = pipelines.steps_per_epoch(source, host_batch, shard.count)
   steps = runs.total_steps(config, spe)
@@ -183,14 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state_sh, batch_sh = sharding.shardings_of(state), sharding.batch_sharding(mesh)
   step_fn = jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, mask_spec.num_masked)
 
-  transform = pipelines.pretrain_transform(
-      seed=config.seed, image_size=d.image_size, tokenizer_size=d.tokenizer_size,
-      tokenizer_resize=d.tokenizer_resize, color_jitter=d.color_jitter,
-      mean_std=mean_std, scale=tuple(d.crop_scale))
-  keys = ("image", "tokenizer_image", "mask")
-  host_batches = ({k: b[k] for k in keys} for b in pipelines.train_batches(
-      source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard, masks=mask_spec,
-      channels=3, threads=d.get("threads")))
+  host_batches = pipelines.pretrain_train(d, source, host_batch=host_batch, seed=config.seed, start_step=start,
+                                          shard=shard, masks=mask_spec)
   batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
@@ -210,13 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, tok_graphdef=tok_graphdef,
                                         num_predict=mask_spec.num_masked, vocab_size=cfg.vocab_size),
                       in_shardings=(state_sh, batch_sh, rep), out_shardings=rep)
-    held_out = sources.get_source(d.source, config.eval_split, d.get("data_dir"))
-    it = pipelines.eval_batches(held_out, pipelines.mim_eval_transform(
-        image_size=d.image_size, tokenizer_size=d.tokenizer_size, tokenizer_resize=d.tokenizer_resize,
-        mean_std=mean_std),
-        host_batch=host_batch, shard=shard, threads=d.get("threads"))
-    it = ({"image": b["image"], "tokenizer_image": b["tokenizer_image"], "valid": b["valid"].astype(np.float32),
-           "mask": mask_spec.make(config.seed + 1, b["index"], 0)} for b in it)
+    it = pipelines.pretrain_eval(d, config.eval_split, host_batch=host_batch, seed=config.seed, shard=shard,
+                                 masks=mask_spec)
     with jax.set_mesh(mesh):
       sums = metrics.sum_over(lambda batch: eval_fn(state, batch, tok_state),
                               device.global_batches(it, mesh, sharding.BATCH_AXES))

@@ -38,12 +38,7 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 def classification_eval_batches(config: ml_collections.ConfigDict, mesh, host_batch: int, split: str = ""):
   """The eval split (or `split`) as global batches of image/label/valid (padded rows marked invalid), each
   example once across hosts: fine-tuning's evaluation and the linear probe's."""
-  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  d = config.data
-  source = sources.get_source(d.source, split or config.eval_split, d.get("data_dir"))
-  transform = pipelines.eval_transform(image_size=d.image_size, crop_pct=d.get("crop_pct"),
-                                       mean_std=pipelines.mean_std(d.mean_std))
-  it = pipelines.eval_batches(source, transform, host_batch=host_batch, shard=pipelines.Shard.of_this_process(),
-                              threads=d.get("threads"))
-  it = ({"image": b["image"], "label": b["label"], "valid": b["valid"]} for b in it)
+  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  it = pipelines.classification_eval(config.data, split or config.eval_split, host_batch=host_batch,
+                                     shard=pipelines.Shard.of_this_process())
   return device.global_batches(it, mesh, sharding.BATCH_AXES)

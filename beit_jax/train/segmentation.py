@@ -73,9 +73,8 @@ def eval_step(params, rest, batch, *, graphdef, crop: int, num_classes: int):
 # Set-up
 # ---------------------------------------------------------------------------------------------------------------
 def source(config, split: str):
-  from beit_jax.data import sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  d = config.data
-  return sources.get_seg_source(d.source, split, d.get("data_dir"), d.get("num_classes", 0))
+  from beit_jax.data import pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  return pipelines.seg_source_of(config.data, split)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -148,17 +147,14 @@ def eval_batches(config, mesh, split_source) -> Iterator[dict[str, jax.Array]]:
   from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
   d, e = config.data, config.eval
   scale = tuple(e.get("scale") or d.scale)
-  transform = pipelines.seg_eval_transform(crop_size=d.crop_size, scale=scale,
-                                           mean_std=pipelines.mean_std(d.mean_std))
   canvas = pipelines.seg_canvas(scale, d.crop_size)
   host_batch = eval_batch_size(config, mesh) // jax.process_count()
 
-  def with_windows(b):
+  def with_windows(b):  # each image's "size" on the canvas -> its sliding windows
     starts, valid = seg_eval.window_grid(b["size"], d.crop_size, e.stride, canvas)
-    return {"image": b["image"], "annotation": b["annotation"], "transposed": b["transposed"], "valid": b["valid"],
-            "starts": starts, "window_valid": valid}
-  it = pipelines.eval_batches(split_source, transform, host_batch=host_batch,
-                              shard=pipelines.Shard.of_this_process())
+    return {**{k: v for k, v in b.items() if k != "size"}, "starts": starts, "window_valid": valid}
+  it = pipelines.segmentation_eval(d, split_source, host_batch=host_batch, shard=pipelines.Shard.of_this_process(),
+                                   scale=scale)
   return device.global_batches(map(with_windows, it), mesh, sharding.BATCH_AXES)
 
 
@@ -195,12 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
   step_fn = jit_train_step(config, mesh, state, graphdef, tx, lr_fn)
 
-  transform = pipelines.seg_train_transform(
-      seed=config.seed, crop_size=d.crop_size, scale=tuple(d.scale), ratio_range=tuple(d.ratio_range),
-      cat_max_ratio=d.cat_max_ratio, photometric=d.photometric, mean_std=pipelines.mean_std(d.mean_std))
-  host_batches = ({"image": b["image"], "annotation": b["annotation"]} for b in pipelines.train_batches(
-      train_source, transform, host_batch=host_batch, seed=config.seed, start_step=start, shard=shard,
-      channels=3, threads=d.get("threads")))
+  host_batches = pipelines.segmentation_train(d, train_source, host_batch=host_batch, seed=config.seed,
+                                              start_step=start, shard=shard)
   batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
 
   eval_fn, confusion = None, None

@@ -170,7 +170,7 @@ def jit_train_step(config, mesh, parts: dict[str, Any], perceptual, *, gan: bool
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from beit_jax.data import device, pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
   mesh = runs.make_mesh(config)
@@ -181,8 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"config.data.channels={d.channels} but the tokenizer takes {tcfg.channels} channels "
                      f"(config.tokenizer.overrides.channels)")
   perceptual = perceptual_loss(config)
-  source = sources.get_source(d.source, d.split, d.get("data_dir"))
-  eval_source = sources.get_source(d.source, d.eval_split, d.get("data_dir"))
+  source = pipelines.source_of(d, d.split)
+  eval_source = pipelines.source_of(d, d.eval_split)  # once: every evaluation reads it, a wrong split fails here
   shard = pipelines.Shard.of_this_process()
   spe = pipelines.steps_per_epoch(source, host_batch, shard.count)
   steps = runs.total_steps(config, spe)
@@ -205,16 +205,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
     return jnp.concatenate([images, tok.decode(tok.encode(images))], axis=2)
 
-  transform = pipelines.tokenizer_transform(seed=seed, image_size=tcfg.input_size, scale=tuple(d.crop_scale))
-  host_batches = ({"image": b["image"]} for b in pipelines.train_batches(
-      source, transform, host_batch=host_batch, seed=seed, start_step=start, shard=shard, channels=d.channels,
-      threads=d.get("threads")))
+  host_batches = pipelines.tokenizer_train(d, source, image_size=tcfg.input_size, host_batch=host_batch, seed=seed,
+                                           start_step=start, shard=shard)
   batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
 
   def eval_batches():
-    it = pipelines.eval_batches(eval_source, pipelines.plain_transform(image_size=tcfg.input_size),
-                                host_batch=host_batch, shard=shard, channels=d.channels, threads=d.get("threads"))
-    it = ({"image": b["image"], "valid": b["valid"]} for b in it)
+    it = pipelines.tokenizer_eval(d, eval_source, image_size=tcfg.input_size, host_batch=host_batch, shard=shard)
     return device.global_batches(it, mesh, sharding.BATCH_AXES)
 
   writer = metrics.create_writer(str(workdir))
