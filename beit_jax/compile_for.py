@@ -110,7 +110,6 @@ def _abstract_tokenizer(config, notes):
 
 def _pretrain(config, mesh, notes):
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from beit_jax.models import flops  # pylint: disable=import-outside-toplevel
   from beit_jax.train import pretrain, sharding  # pylint: disable=import-outside-toplevel
@@ -119,9 +118,7 @@ def _pretrain(config, mesh, notes):
   graphdef, state, tx, lr_fn = pretrain.create_state(config, cfg, mesh, _STEPS, abstract=True)
   tok_graphdef, tok_state = nnx.split(tok)
   d, b = config.data, config.batch_size
-  batch = _batch(mesh, {"image": ((b, d.image_size, d.image_size, 3), jnp.float32),
-                        "tokenizer_image": ((b, d.tokenizer_size, d.tokenizer_size, 3), jnp.float32),
-                        "mask": ((b, *cfg.grid), jnp.bool_)})
+  batch = _batch(mesh, pretrain.batch_spec(config, cfg.grid))
   step = pretrain.jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, d.mask.num_masked)
   tok_state = _abstract(tok_state, sharding.replicated(mesh))
   # The model FLOPs of a pre-training step: the BEiT's, analytic, plus the tokenizer's forward pass as XLA counts
@@ -135,21 +132,19 @@ def _pretrain(config, mesh, notes):
 
 
 def _finetune(config, mesh, notes):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from beit_jax.models import flops  # pylint: disable=import-outside-toplevel
   from beit_jax.train import finetune, weights  # pylint: disable=import-outside-toplevel
   num_classes = config.data.get("num_classes") or 1000
   notes.append(f"{num_classes} classes")
   cfg = weights.classifier_config(config, num_classes)
   graphdef, state, tx, lr_fn = finetune.create_state(config, cfg, mesh, _STEPS, abstract=True)
-  s, b = config.data.image_size, config.batch_size
-  batch = _batch(mesh, {"image": ((b, s, s, 3), jnp.float32), "label": ((b,), jnp.int32)})
+  b = config.batch_size
+  batch = _batch(mesh, finetune.batch_spec(config))
   step = finetune.jit_train_step(config, mesh, state, graphdef, tx, lr_fn, cfg.num_classes)
   return step, (state, batch), flops.train_flops(cfg, b)
 
 
 def _tokenizer(config, mesh, notes):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from beit_jax.tokenizers import vqgan  # pylint: disable=import-outside-toplevel
   from beit_jax.train import sharding, tokenizer  # pylint: disable=import-outside-toplevel
   config = config.copy_and_resolve_references()  # the substitution below must not change the caller's config
@@ -160,23 +155,20 @@ def _tokenizer(config, mesh, notes):
   tcfg = vqgan.get_config(config.tokenizer.name, **dict(config.tokenizer.get("overrides", {})))
   perceptual = tokenizer.perceptual_loss(config)
   parts = tokenizer.create_state(config, tcfg, mesh, _STEPS, abstract=True)
-  b, s = config.batch_size, tcfg.input_size
-  images = _batch(mesh, {"x": ((b, s, s, tcfg.channels), jnp.float32)})["x"]
+  images = _batch(mesh, tokenizer.batch_spec(config, tcfg))["image"]
   step = tokenizer.jit_train_step(config, mesh, parts, perceptual, gan=config.loss.disc_start <= 0)
   perc = _abstract(perceptual.state, sharding.replicated(mesh)) if perceptual is not None else None
   return step, (parts["state"], images, perc), None
 
 
 def _segmentation(config, mesh, notes):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from beit_jax.train import segmentation  # pylint: disable=import-outside-toplevel
   segmentation.check_config(config)
   num_classes = config.data.get("num_classes") or 150
   notes.append(f"{num_classes} classes (ADE20K's unless data.num_classes says otherwise)")
   bcfg, seg_cfg = segmentation.model_configs(config, num_classes)
   graphdef, state, tx, lr_fn = segmentation.create_state(config, bcfg, seg_cfg, mesh, _STEPS, abstract=True)
-  b, s = config.batch_size, config.data.crop_size
-  batch = _batch(mesh, {"image": ((b, s, s, 3), jnp.float32), "annotation": ((b, s, s), jnp.uint8)})
+  batch = _batch(mesh, segmentation.batch_spec(config))
   return segmentation.jit_train_step(config, mesh, state, graphdef, tx, lr_fn), (state, batch), None
 
 

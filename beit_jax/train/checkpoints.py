@@ -56,7 +56,8 @@ class TrainCheckpoints:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax/OS errors alike)
-      intact = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) if self.directory.exists() else []
+      intact = (sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+                if self.directory.exists() else [])
       raise CheckpointWriteError(
           f"{what} in {self.directory} failed ({type(e).__name__}: {model_files.first_line(e, 300)})."
           f" The complete checkpoints there are intact (steps {intact}); a disk full or over quota? Free space and "
@@ -77,7 +78,7 @@ class TrainCheckpoints:
     for s in steps:
       try:
         out = self._restore_step(target, s)
-      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds; all mean "unreadable")
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds: all "unreadable")
         logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
                         self.directory / str(s), type(e).__name__, model_files.first_line(e, 300))
         failed.append((s, e))

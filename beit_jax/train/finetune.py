@@ -123,6 +123,12 @@ def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh
   return graphdef, state, tx, lr_fn
 
 
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """The global batch train_step takes, key -> (shape, dtype): what pipelines.classification_train yields."""
+  s, b = config.data.image_size, config.batch_size
+  return {"image": ((b, s, s, 3), jnp.float32), "label": ((b,), jnp.int32)}
+
+
 def jit_train_step(config, mesh, state, graphdef, tx, lr_fn, num_classes: int):
   """The step jitted with the state's shardings in and out (the state donated) and the batch split over the
   data axes. `state` may be abstract."""

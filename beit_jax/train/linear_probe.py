@@ -153,8 +153,8 @@ def precomputed_features(config, mesh, host_batch: int, backbone_def, backbone_s
   image (the evaluation view, no augmentation), as one global batch {"features" [N, P, F], "label", "valid"}
   sharded over the data axes (each host computes its shard; padding rows are invalid). The probes then train
   full-batch on them (whitened, by L-BFGS): a multinomial logistic regression per block, run to convergence in
-  a hundred or so cheap iterations instead of epochs of backbone forwards. It holds N x P x F floats: for data sets that fit (Fashion-MNIST:
-  60,000 x 4 x 256), not ImageNet."""
+  a hundred or so cheap iterations instead of epochs of backbone forwards. It holds N x P x F floats: for data
+  sets that fit (Fashion-MNIST: 60,000 x 4 x 256), not ImageNet."""
   from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
   it = pipelines.classification_eval(config.data, config.data.split, host_batch=host_batch,
                                      shard=pipelines.Shard.of_this_process())
@@ -213,11 +213,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lbfgs = jax.jit(functools.partial(lbfgs_step, graphdef=graphdef, tx=tx, l2=float(config.probe.l2)),
                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=(0,))
     run_step = lambda step, s: lbfgs(s, stored)
-  else:
+  else:  # "augmented", the paper's protocol: each step's crops go through the frozen backbone
     step_fn = jax.jit(functools.partial(train_step, tx=tx, lr_fn=lr_fn, micro_steps=config.get("grad_accum", 1),
                                         **common),
                       in_shardings=(state_sh, batch_sh, backbone_sh), out_shardings=(state_sh, rep),
-                      donate_argnums=(0,))  # "augmented", the paper's protocol: each step's crops through the frozen backbone
+                      donate_argnums=(0,))
     host_batches = pipelines.linear_probe_train(config.data, source, host_batch=host_batch, seed=config.seed,
                                                 start_step=start, shard=shard)
     batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)

@@ -137,6 +137,15 @@ def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh
   return graphdef, sharding.train_state(params, rest, tx, mesh, abstract=abstract), tx, lr_fn
 
 
+def batch_spec(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """The global batch train_step takes, key -> (shape, dtype): what pipelines.pretrain_train yields (its
+  KEYS["pretrain_train"]) and what compile_for compiles the step for."""
+  d, b = config.data, config.batch_size
+  return {"image": ((b, d.image_size, d.image_size, 3), jnp.float32),
+          "tokenizer_image": ((b, d.tokenizer_size, d.tokenizer_size, 3), jnp.float32),
+          "mask": ((b, *grid), jnp.bool_)}
+
+
 def jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, num_predict: int):
   """The step jitted with the state's shardings in and out (the state donated), the batch split over the data
   axes, the tokenizer replicated. `state` may be abstract."""

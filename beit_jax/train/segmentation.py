@@ -117,6 +117,12 @@ def create_state(config, bcfg, seg_cfg, mesh, steps: int, *, abstract: bool = Fa
   return graphdef, sharding.train_state(params, rest, tx, mesh, abstract=abstract), tx, lr_fn
 
 
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """The global batch train_step takes, key -> (shape, dtype): what pipelines.segmentation_train yields."""
+  s, b = config.data.crop_size, config.batch_size
+  return {"image": ((b, s, s, 3), jnp.float32), "annotation": ((b, s, s), jnp.uint8)}
+
+
 def jit_train_step(config, mesh, state, graphdef, tx, lr_fn):
   state_sh = sharding.shardings_of(state)
   return jax.jit(

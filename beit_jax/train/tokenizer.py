@@ -158,6 +158,13 @@ def create_state(config: ml_collections.ConfigDict, tcfg: vqgan.PecoConfig, mesh
   return {"tok_def": tok_def, "disc_def": disc_def, "state": state, "tx_g": tx_g, "tx_d": tx_d, "lr_fn": lr_fn}
 
 
+def batch_spec(config: ml_collections.ConfigDict, tcfg: vqgan.PecoConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """The global batch of images train_step takes (its `images` argument is batch["image"]), key -> (shape,
+  dtype): what pipelines.tokenizer_train yields."""
+  s = tcfg.input_size
+  return {"image": ((config.batch_size, s, s, tcfg.channels), jnp.float32)}
+
+
 def jit_train_step(config, mesh, parts: dict[str, Any], perceptual, *, gan: bool):
   """The step (before loss.disc_start: gan=False; from it on: gan=True) jitted with the state's shardings in
   and out (the state donated), the images split over the data axes and the perceptual network replicated."""

@@ -1,0 +1,60 @@
+"""Each mode's batch is described once: the trainer's batch_spec (what compile_for compiles the step for, ahead of
+time) is exactly what that mode's pipeline entry point yields, key for key, shape and dtype, on real data."""
+import numpy as np
+import pytest
+
+from beit_jax import configs
+from beit_jax.data import pipelines
+from beit_jax.tokenizers import vqgan
+from beit_jax.train import finetune, pretrain, segmentation, tokenizer
+
+BATCH = 4
+
+
+def _first(config, make):
+  config.batch_size = BATCH
+  return next(iter(make(config)))
+
+
+def _as_spec(batch) -> dict:
+  return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch.items()}
+
+
+def _spec(spec: dict) -> dict:
+  return {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
+
+
+def _pretrain():
+  c = configs.load("fmnist_pretrain")
+  grid = pretrain.model_config(c, vocab_size=128).grid
+  batch = _first(c, lambda c: pipelines.pretrain_train(c.data, c.data.split, host_batch=BATCH, seed=0,
+                                                       masks=pipelines.mask_spec(c.data, grid)))
+  return pretrain.batch_spec(c, grid), batch
+
+
+def _finetune():
+  c = configs.load("fmnist_finetune")
+  batch = _first(c, lambda c: pipelines.classification_train(c.data, c.data.split, host_batch=BATCH, seed=0))
+  return finetune.batch_spec(c), batch
+
+
+def _tokenizer():
+  c = configs.load("fmnist_tokenizer", "pixel")
+  tcfg = vqgan.get_config(c.tokenizer.name, **dict(c.tokenizer.get("overrides", {})))
+  batch = _first(c, lambda c: pipelines.tokenizer_train(c.data, c.data.split, image_size=tcfg.input_size,
+                                                        host_batch=BATCH, seed=0))
+  return tokenizer.batch_spec(c, tcfg), batch
+
+
+def _segmentation():
+  c = configs.load("fmnist_segmentation")
+  batch = _first(c, lambda c: pipelines.segmentation_train(c.data, c.data.split, host_batch=BATCH, seed=0))
+  return segmentation.batch_spec(c), batch
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune", "tokenizer", "segmentation"])
+def test_trainer_batch_spec_is_what_its_pipeline_yields(mode):
+  spec, batch = {"pretrain": _pretrain, "finetune": _finetune, "tokenizer": _tokenizer,
+                 "segmentation": _segmentation}[mode]()
+  print(mode, _as_spec(batch))
+  assert _spec(spec) == _as_spec(batch)
