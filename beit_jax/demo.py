@@ -421,26 +421,21 @@ def draw_figures(workdir: str, results: dict[str, dict[str, Any]], scale: Scale,
 def draw_masked_predictions(path, workdir: str, arms: dict[str, str], num_images: int = 10) -> None:
   """The first held-out images, each with the mask pre-training's evaluation gives it, through each arm's
   pre-trained model and tokenizer (figures.masked_predictions)."""
-  from beit_jax import figures, tokenizers  # pylint: disable=import-outside-toplevel
-  from beit_jax.data import pipelines, sources  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  from beit_jax import model_files  # pylint: disable=import-outside-toplevel
+  from beit_jax import figures, model_files, tokenizers  # pylint: disable=import-outside-toplevel
+  from beit_jax.data import pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
   cfg = configs.load("fmnist_pretrain")
-  d = cfg.data
-  batch = next(pipelines.eval_batches(
-      sources.get_source(d.source, f"{cfg.eval_split}[:{num_images}]" if "[" not in cfg.eval_split
-                         else cfg.eval_split, d.get("data_dir")),
-      pipelines.mim_eval_transform(image_size=d.image_size, tokenizer_size=d.tokenizer_size,
-                                   tokenizer_resize=d.tokenizer_resize, mean_std=pipelines.mean_std(d.mean_std)),
-      host_batch=num_images))
-  outs, mask = {}, None
+  d, work = cfg.data, pathlib.Path(workdir)
+  split = f"{cfg.eval_split}[:{num_images}]" if "[" not in cfg.eval_split else cfg.eval_split
+  models = {label: model_files.load_model(work / f"{short}_pretrain" / "model") for label, short in arms.items()}
+  grid = next(iter(models.values())).config.grid
+  # pre-training's held-out evaluation batches, its masks included (pipelines.pretrain_eval makes both)
+  batch = next(pipelines.pretrain_eval(d, split, host_batch=num_images, seed=cfg.seed,
+                                       masks=pipelines.mask_spec(d, grid)))
+  mask, outs = batch["mask"], {}
   for label, short in arms.items():
-    work = pathlib.Path(workdir)
-    model = model_files.load_model(work / f"{short}_pretrain" / "model")
-    model.eval()
+    models[label].eval()
     tok = tokenizers.load("peco", checkpoint=work / f"{short}_tokenizer" / "tokenizer")
-    spec = pipelines.MaskSpec(grid=model.config.grid, **dict(d.mask))
-    mask = spec.make(cfg.seed + 1, batch["index"], 0)  # the masks of pre-training's held-out evaluation
-    outs[label] = figures.masked_predictions(model, tok, batch["image"], batch["tokenizer_image"], mask)
+    outs[label] = figures.masked_predictions(models[label], tok, batch["image"], batch["tokenizer_image"], mask)
   figures.draw_masked_predictions(path, outs, batch["tokenizer_image"], mask,
                                   title="held-out images: the masked patches' tokens as each pre-trained BEiT "
                                         "predicts them, decoded by its tokenizer")
