@@ -36,7 +36,7 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	touch $(STAMP)
 
 demo: $(STAMP) data
-	$(PY) -m beit_jax.demo --workdir=$(DEMO_DIR)
+	$(PY) -m beit_jax.experiments.miniature --workdir=$(DEMO_DIR)
 
 test: $(STAMP) data
 	$(PY) -m pytest tests -n 2 --durations=10 $(PYTEST_ARGS)

@@ -33,7 +33,7 @@ setuptools.setup(
         # Only for weight conversion from PyTorch pickles and for the parity tests / benchmarks.
         # Install torch first (`pip install torch==<cpu build>`), or pip may pull a CUDA torch.
         "torch": ["torch>=2.4", "timm>=1.0.15", "transformers>=4.46", "safetensors>=0.4"],
-        # matplotlib draws the miniature's figures (python -m beit_jax.demo, beit_jax/figures.py).
+        # matplotlib draws the miniature's figures (python -m beit_jax.experiments.miniature, beit_jax/figures.py).
         "demo": ["matplotlib>=3.8"],
         # scikit-image ships the real photos used by tests, examples and colabs (skimage.data).
         # nbclient/ipykernel run the colabs/ notebooks in the suite; matplotlib draws their figures (and the

@@ -4,8 +4,8 @@
   python benchmarks/fmnist_reproduction.py [--workdir=/tmp/fmnist_reproduction] [--scale=full]
 
 What runs, and why each arm is honest (compute-matched supervised baseline, floors, trivial MIM baselines):
-beit_jax/demo.py. Not yet timed on the issue-19 recipe (the demo scale's stages, BENCHMARKS.md, put it at
-roughly an hour and a half on 2 cores); a rerun with the same workdir resumes.
+beit_jax/experiments/miniature.py. Not yet timed on the issue-19 recipe (the demo scale's stages, BENCHMARKS.md,
+put it at roughly an hour and a half on 2 cores); a rerun with the same workdir resumes.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import platform
 
 from absl import app, flags
 
-from beit_jax import demo
+from beit_jax.experiments import miniature
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/fmnist_reproduction", "where the runs go")
-_SCALE = flags.DEFINE_enum("scale", "full", list(demo.SCALES), "the chain's scale")
+_SCALE = flags.DEFINE_enum("scale", "full", list(miniature.SCALES), "the chain's scale")
 
 
 def main(argv):
@@ -26,7 +26,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}", flush=True)
-  demo.run(_WORKDIR.value, _SCALE.value)
+  miniature.run(_WORKDIR.value, _SCALE.value)
 
 
 if __name__ == "__main__":

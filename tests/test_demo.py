@@ -7,22 +7,23 @@ import sys
 
 import pytest
 
-from beit_jax import configs, demo
+from beit_jax import configs
+from beit_jax.experiments import miniature
 
 
 def test_labelled_subsets_are_disjoint_slices_per_seed():
-  assert demo.labelled_split(1.0, 2) == "train"
-  splits = [demo.labelled_split(0.1, s) for s in range(3)]
+  assert miniature.labelled_split(1.0, 2) == "train"
+  splits = [miniature.labelled_split(0.1, s) for s in range(3)]
   assert splits == ["train[0:6000]", "train[6000:12000]", "train[12000:18000]"]
-  assert demo.labelled_split(0.01, 1) == "train[600:1200]"
+  assert miniature.labelled_split(0.01, 1) == "train[600:1200]"
   with pytest.raises(ValueError, match="exceed the training set"):
-    demo.labelled_split(0.5, 2)
+    miniature.labelled_split(0.5, 2)
 
 
 def test_every_scale_runs_configs_that_load():
-  for scale in demo.SCALES.values():
+  for scale in miniature.SCALES.values():
     for name in ("fmnist_tokenizer", "fmnist_pretrain", "fmnist_finetune", "fmnist_linear_probe"):
-      c = demo.with_steps(configs.load(name), scale.pretrain_steps)
+      c = miniature.with_steps(configs.load(name), scale.pretrain_steps)
       assert c.total_steps == scale.pretrain_steps and c.optim.warmup_steps <= scale.pretrain_steps // 10
   tok = configs.load("fmnist_tokenizer", "checkpoint:/some/model")
   assert tok.loss.perceptual.source == "checkpoint:/some/model" and tok.loss.perceptual_weight > 0
@@ -32,7 +33,7 @@ def test_every_scale_runs_configs_that_load():
 def test_pixel_logistic_regression_floor():
   """Logistic regression on raw Fashion-MNIST pixels is a well-known ~84% (all 60k labels); on 2,000 labels
   it must still be far above chance (0.10). The demo's floor: a representation must beat it."""
-  acc = demo.pixel_logistic_regression("train[:2000]", seed=0, steps=300)
+  acc = miniature.pixel_logistic_regression("train[:2000]", seed=0, steps=300)
   print(f"logistic regression on the pixels of 2,000 labelled images: held-out top-1 {acc:.4f}")
   assert 0.7 < acc < 0.9
 
@@ -45,7 +46,7 @@ def test_table_renders_recorded_results_and_marks_missing_ones():
                                "eval_mlm_acc_foreground": 0.03, "eval_most_frequent_per_position_acc_foreground": 0.05},
              "beit_tokenizer": {"eval_psnr": 20.5, "eval_usage": 0.5, "eval_perplexity": 40.2,
                                 "eval_background_codes": 12, "eval_background_top_share": 0.6}}
-  text = demo.table(results, "full")
+  text = miniature.table(results, "full")
   print(text)
   beit = next(l for l in text.splitlines() if l.startswith("| BEiT"))
   assert beit.split("|")[4].strip() == "75.0 ± 4.1"  # 100% labels: mean and (population) std of 80, 70, 75
@@ -70,20 +71,21 @@ def _results(scratch, beit, peco, random_probe, probes, mim=(0.4, 0.15)):
 
 
 def test_checks_pass_and_fail_on_the_figures_they_name():
-  full = demo.SCALES["full"]
-  good = demo.check(_results([0.50, 0.52, 0.51], [0.60, 0.61, 0.62], [0.63, 0.64, 0.62], [0.40] * 3,
+  full = miniature.SCALES["full"]
+  good = miniature.check(_results([0.50, 0.52, 0.51], [0.60, 0.61, 0.62], [0.63, 0.64, 0.62], [0.40] * 3,
                              [0.55, 0.56, 0.57]), full)
   print(good)
   assert good["mim"]["passed"] and good["pays"]["passed"] and good["probe"]["passed"]
   assert good["papers_peco"]["passed"]  # 63 vs 61, spread 1.6
   # 2x the per-position guess, not 1.9x; 4.0 points, not 5; 8 points above the random probe (seed 0), not 10
-  bad = demo.check(_results([0.56, 0.57, 0.58], [0.60, 0.61, 0.62], [0.60, 0.61, 0.62], [0.47] * 3,
+  bad = miniature.check(_results([0.56, 0.57, 0.58], [0.60, 0.61, 0.62], [0.60, 0.61, 0.62], [0.47] * 3,
                             [0.55, 0.56, 0.57], mim=(0.38, 0.2)), full)
   print(bad)
   assert not (bad["mim"]["passed"] or bad["pays"]["passed"] or bad["probe"]["passed"] or bad["papers_peco"]["passed"])
   assert "1.90x" in bad["mim"]["text"] and "beit 1% +4.0" in bad["pays"]["text"] and "+8.0" in bad["probe"]["text"]
   # A gap of 5 points inside a spread of more than 5 is no proof either.
-  noisy = demo.check(_results([0.40, 0.50, 0.60], [0.55, 0.56, 0.57], [0.55, 0.56, 0.57], [0.4] * 3, [0.6] * 3), full)
+  noisy = miniature.check(_results([0.40, 0.50, 0.60], [0.55, 0.56, 0.57], [0.55, 0.56, 0.57], [0.4] * 3,
+                                   [0.6] * 3), full)
   assert not noisy["pays"]["passed"]
 
 
@@ -95,8 +97,8 @@ def test_a_stage_stopped_by_sigterm_is_not_recorded(tmp_path):
   import signal  # pylint: disable=import-outside-toplevel
   import threading  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
-  chain = demo.Chain(str(tmp_path), demo.SCALES["demo"])
-  c = demo.with_steps(configs.load("fmnist_tokenizer", "pixel"), 10_000)  # far more than fit before the signal
+  chain = miniature.Chain(str(tmp_path), miniature.SCALES["demo"])
+  c = miniature.with_steps(configs.load("fmnist_tokenizer", "pixel"), 10_000)  # far more than fit before the signal
   c.data.eval_split = "test[:64]"
   default = signal.getsignal(signal.SIGTERM)
 
@@ -127,7 +129,7 @@ def test_make_demo_end_to_end_passes_its_checks(tmp_path):
   the probes' batch of 100 does not divide)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-  proc = subprocess.run([sys.executable, "-m", "beit_jax.demo", f"--workdir={tmp_path}"], env=env,
+  proc = subprocess.run([sys.executable, "-m", "beit_jax.experiments.miniature", f"--workdir={tmp_path}"], env=env,
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   checks = json.loads((tmp_path / "results.json").read_text())["checks"]

@@ -53,3 +53,11 @@ def test_no_trainer_imports_another():
     if siblings:
       offenders[name] = siblings
   assert not offenders, f"trainers importing other trainers: {offenders}"
+
+
+def test_nothing_in_the_package_imports_the_experiment_drivers():
+  """beit_jax/experiments/ (the miniature chain) drives the product; the product never depends on a driver."""
+  files = [f for f in PACKAGE.rglob("*.py") if "experiments" not in f.relative_to(PACKAGE).parts]
+  offenders = {str(f.relative_to(PACKAGE)): up for f in files
+               if (up := sorted(m for m in imported_modules(f) if m.startswith("beit_jax.experiments")))}
+  assert len(files) > 40 and not offenders, offenders

@@ -62,9 +62,10 @@ def test_wheel_runs_the_demo_stage_and_a_pretraining_without_the_source(installe
   # The demo's first stage, from the installed package's config files, 4 steps.
   stage = textwrap.dedent("""
       import dataclasses, sys
-      from beit_jax import configs, demo
-      chain = demo.Chain(sys.argv[1], dataclasses.replace(demo.SCALES["demo"], tokenizer_steps=4))
-      config = demo.with_steps(configs.load("fmnist_tokenizer", "pixel"), 4)
+      from beit_jax import configs
+      from beit_jax.experiments import miniature
+      chain = miniature.Chain(sys.argv[1], dataclasses.replace(miniature.SCALES["demo"], tokenizer_steps=4))
+      config = miniature.with_steps(configs.load("fmnist_tokenizer", "pixel"), 4)
       config.data.eval_split = "test[:256]"  # the stage's own held-out evaluation, on fewer images
       m = chain.stage("beit_tokenizer", config)
       print("tokenizer PSNR", m["eval_psnr"])

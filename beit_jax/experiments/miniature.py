@@ -25,7 +25,7 @@ Prints a markdown table (mean +- standard deviation over seeds) and the checks t
 writes them, with every figure, to workdir/results.json and workdir/table.md; the pictures (learning curves
 against training images seen, masked-token predictions decoded to pixels) go to workdir/figures/.
 
-  python -m beit_jax.demo --workdir=/tmp/beit_demo [--scale=demo|full]
+  python -m beit_jax.experiments.miniature --workdir=/tmp/beit_demo [--scale=demo|full]
 """
 from __future__ import annotations
 
