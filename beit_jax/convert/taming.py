@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from beit_jax.tokenizers import vqgan
+from beit_jax.tokenizers import state_dicts, vqgan
 
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 SKIPPED_PREFIXES = ("loss.",)  # a VQModel checkpoint's discriminator and perceptual network
@@ -83,24 +82,8 @@ def load_state_dict(module: vqgan.PecoTokenizer | vqgan.Encoder | vqgan.Decoder,
   Every parameter must be there with its shape and every tensor of `sd` (but `loss.*`) must be used: a silently
   partial load would leave PyTorch-default weights that still run.
   """
-  names = taming_names(module)
-  flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-  for path, var in flat:
-    name = names[path]
-    if name not in sd:
-      raise ValueError(f"taming state dict lacks tensor {name!r} (for {'/'.join(map(str, path))})")
-    value = np.asarray(sd[name], np.float32)
-    if value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    if value.shape != var.shape:
-      raise ValueError(f"taming tensor {name!r} has shape {value.shape} (as HWIO), expected {var.shape}: "
-                       f"does the PecoConfig match the checkpoint?")
-    var.set_value(jnp.asarray(value))
-  extra = sorted(k for k in set(sd) - set(names.values()) if not k.startswith(SKIPPED_PREFIXES))
-  if extra:
-    raise ValueError(f"taming state dict has tensors this model does not use: {extra[:5]}"
-                     + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
-  nnx.update(module, nnx.from_flat_state(flat))
+  state_dicts.load_params(module, sd, taming_names(module), "taming state dict", ignored_prefixes=SKIPPED_PREFIXES,
+                          hint=": does the PecoConfig match the checkpoint?")
 
 
 def export_state_dict(module: vqgan.PecoTokenizer | vqgan.Encoder | vqgan.Decoder) -> dict[str, np.ndarray]:

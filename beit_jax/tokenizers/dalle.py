@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from beit_jax.tokenizers import state_dicts
+
+
 LOGIT_LAPLACE_EPS = 0.1
 
 
@@ -212,23 +215,7 @@ def infer_config(sd: Mapping[str, np.ndarray], kind: str) -> DalleConfig:
 
 def load_state_dict(module: nnx.Module, sd: Mapping[str, np.ndarray], kind: str) -> None:
   """Fills an Encoder/Decoder from a `dall_e` state dict (OIHW); a missing or misshapen tensor is named."""
-  names = _torch_names(module, kind)
-  state = nnx.state(module, nnx.Param)
-  flat = nnx.to_flat_state(state)
-  for path, var in flat:
-    name = names[path]
-    if name not in sd:
-      raise ValueError(f"DALL-E {kind} checkpoint lacks tensor {name!r}")
-    value = np.asarray(sd[name], np.float32)
-    if value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    if value.shape != var.shape:
-      raise ValueError(f"DALL-E {kind} tensor {name!r} has shape {value.shape} (as HWIO), expected {var.shape}")
-    var.set_value(jnp.asarray(value))
-  extra = sorted(set(sd) - set(names.values()))
-  if extra:
-    raise ValueError(f"DALL-E {kind} checkpoint has tensors this model does not use: {extra[:5]}")
-  nnx.update(module, nnx.from_flat_state(flat))
+  state_dicts.load_params(module, sd, _torch_names(module, kind), f"DALL-E {kind} checkpoint")
 
 
 def _dall_e_safe_globals():

@@ -29,7 +29,6 @@ class Init:
   """A parsed `config.init`: kind "" (none), "checkpoint" or "pytorch", and the path it names."""
   kind: str
   path: str
-  spec: str
 
   def __bool__(self) -> bool:
     return bool(self.kind)
@@ -38,13 +37,13 @@ class Init:
 def parse(init: str) -> Init:
   """`config.init` checked before anything is built: a known kind and a path that exists."""
   if not init:
-    return Init("", "", "")
+    return Init("", "")
   kind, _, path = init.partition(":")
   if kind not in KINDS or not path:
     raise ValueError(f"config.init={init!r}: use '' (from scratch), 'checkpoint:DIR' or 'pytorch:PATH'")
   if not pathlib.Path(path).exists():
     raise FileNotFoundError(f"config.init={init!r}: {path} does not exist")
-  return Init(kind, path, init)
+  return Init(kind, path)
 
 
 def require(init: str, what: str) -> Init:
