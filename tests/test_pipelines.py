@@ -86,8 +86,8 @@ def test_deterministic_and_resume_across_epochs(folder):
     for a, b in zip(full[start:start + 3], resumed):
       for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=f"step {start} key {k}")
-  e0 = np.concatenate([b["index"] for b in full[:5]])
-  e1 = np.concatenate([b["index"] for b in full[5:10]])
+  e0 = np.concatenate([b["file_index"] for b in full[:5]])  # the files read (broken.png's row holds a copy)
+  e1 = np.concatenate([b["file_index"] for b in full[5:10]])
   assert len(set(e0)) == 40 and not np.array_equal(e0, e1)  # each epoch its own order
 
 
@@ -232,9 +232,8 @@ def test_masking_device_mixup_do_not_import_tensorflow():
 def test_awkward_image_files_are_decoded_or_skipped_and_counted(tmp_path):
   """What a scraped folder holds: grayscale, grayscale+alpha, RGBA, 16-bit PNGs, CMYK and progressive JPEGs,
   a truncated JPEG, a text file named .jpg, an empty file, and an empty class folder. Every decodable image
-  becomes [S, S, 3] float32 in [0, 1] (16-bit scaled, not clipped); files without an image signature are
-  skipped and counted in "skipped"; the truncated JPEG has a valid signature but fails to decode, so tf.data
-  drops it with a logged warning (the pipeline's documented behaviour: it is not in "skipped")."""
+  becomes [S, S, 3] float32 in [0, 1] (16-bit scaled, not clipped); every file that fails to decode is skipped
+  and counted in "skipped", the truncated JPEG (a valid signature) included (tests/test_bad_files.py)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   import skimage.data  # pylint: disable=import-outside-toplevel
   photo = skimage.data.astronaut()[:96, :96]
@@ -255,8 +254,8 @@ def test_awkward_image_files_are_decoded_or_skipped_and_counted(tmp_path):
   src = sources.get_source(f"folder:{tmp_path}", "train")
   ev = list(pipelines.eval_batches(src, pipelines.eval_transform(image_size=32), host_batch=16))
   images, valid = ev[0]["image"], ev[0]["valid"].astype(bool)
-  print(f"{src.num_examples} files: {int(valid.sum())} decoded, {int(ev[0]['skipped'].max())} skipped")
-  assert int(ev[0]["skipped"].max()) == 2  # text.jpg and empty.png
+  print(f"{src.num_examples} files: {int(valid.sum())} decoded, {int(ev[0]['skipped'][0])} skipped")
+  assert int(ev[0]["skipped"].max()) == 3  # text.jpg, empty.png and truncated.jpg
   assert int(valid.sum()) == 7  # gray, gray_alpha, rgba, sixteen_bit, cmyk, progressive, whole
   with pytest.raises(tf.errors.InvalidArgumentError):
     tf.io.decode_image((cls / "truncated.jpg").read_bytes(), channels=3)

@@ -3,7 +3,8 @@
   source = sources.get_source("tfds:imagenet2012", "train")
   batches = train_batches(source, pretrain_transform(seed=0), host_batch=256, seed=0, start_step=step,
                           masks=MaskSpec(grid=(14, 14)))
-  batch = next(batches)  # {"image", "tokenizer_image", "mask", "label", "index", "skipped"}: numpy arrays
+  batch = next(batches)  # {"image", "tokenizer_image", "mask", "label", "index", "epoch", "skipped", "bad",
+                         #  "file_index"}: numpy arrays
 
 Trainers call one entry point per mode and split instead (pretrain_train, pretrain_eval, classification_train,
 linear_probe_train, classification_eval, tokenizer_train, tokenizer_eval, segmentation_train, segmentation_eval, at
@@ -15,16 +16,19 @@ global_batch / process_count; `device.global_batches` turns them into global arr
 
 Steps and resume: a training epoch is `steps_per_epoch = (num_examples // num_hosts) // host_batch` steps on
 every host (the same number everywhere, or multi-host collectives would hang); the examples of a host's shard
-beyond that are left out of that epoch (each epoch has a new order, so none is left out for ever). A run
-resumed at step s starts epoch s // steps_per_epoch after skipping the first (s % steps_per_epoch) * host_batch
-valid examples of that epoch's order (random-access sources skip indices without reading them; tfds record
-files and image folders read the skipped records but do not decode them): no example of the epoch is repeated or skipped, and masks and augmentations
-are the same as in the uninterrupted run (pure functions of seed, epoch and example index).
+beyond that are left out of that epoch (each epoch has a new order, so none is left out for ever). Step k of an
+epoch is the k-th window of host_batch examples of the host's order, *whatever fails to decode in it*: the data
+position is a pure function of the step, so a run resumed at step s starts epoch s // steps_per_epoch at example
+(s % steps_per_epoch) * host_batch of that epoch's order (random-access sources skip indices without reading them;
+tfds record files read the skipped records but do not decode them), and the resumed stream is bitwise the
+uninterrupted one, bad files or not: masks and augmentations are pure functions of seed, epoch and example index.
 
-Bad input: an encoded image without a JPEG/PNG/GIF/BMP signature is skipped and counted (the batch's
-"skipped" is the running count of this host's epoch); one with a valid signature that still fails to decode is
-skipped with a logged warning (tf.data's ignore_errors). A host whose shard runs short repeats it, so every
-host still yields exactly steps_per_epoch batches.
+Bad input: a file that fails to decode (no image signature, garbage, truncated: anything the decoder refuses)
+is caught per example (decode_stage), never dropped by tf.data: its row of a training batch holds a copy of a good
+row of the same batch (so the batch keeps its size and its place), its row of an evaluation batch is blank and
+invalid as padding. Each is counted in the batch's "skipped" and named in a bad_files.BadFiles record
+(bad_files.SEEN unless the caller passes one): the first few by path in the log, the counts as metrics the training
+loop writes (data/bad_files.py). A training batch of nothing but bad files is an error naming them.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from beit_jax.data import augment, masking, sources
+from beit_jax.data import bad_files as _bad_files
 from beit_jax.data.sources import SEG_IGNORE, Source
 
 IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -92,14 +97,11 @@ class MaskSpec:
 
 
 # -- decoding ----------------------------------------------------------------------------------------------------
-_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-
-
-def _has_image_signature(data: tf.Tensor) -> tf.Tensor:
-  ok = tf.io.is_jpeg(data)
-  for sig in _SIGNATURES:
-    ok |= tf.equal(tf.strings.substr(data, 0, len(sig)), sig)
-  return ok
+# The keys the pipelines keep for themselves (stripped by the entry points): "ok" (the file decoded), "skipped"
+# (the number of the batch's rows that were undecodable files, in every row), "bad" and "file_index" (a row that
+# was an undecodable file, and every row's own index: training batches fill a bad row with a copy of a good one).
+_BOOKKEEPING = ("ok", "skipped", "bad", "file_index")
+_PLACEHOLDER = 8  # the side of the blank image that stands for an undecodable one (its row is replaced or invalid)
 
 
 def _annotation(ann: tf.Tensor, reduce_zero_label: bool) -> tf.Tensor:
@@ -111,36 +113,99 @@ def _annotation(ann: tf.Tensor, reduce_zero_label: bool) -> tf.Tensor:
   return ann
 
 
-def decoded(ds: tf.data.Dataset, encoded: bool, channels: int = 3, skip: int = 0,
-            reduce_zero_label: bool = False) -> tf.data.Dataset:
-  """Examples with a float32 [0, 1] image of `channels` channels (segmentation: and a uint8 "annotation") and a
-  running count of skipped files.
+def _with_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+  """A decoded source's uint8 image with `channels` channels (grey repeated to RGB)."""
+  if channels == 3 and image.shape[-1] == 1:
+    return tf.image.grayscale_to_rgb(image)
+  return image
 
-  `skip` drops that many *valid* examples first (a resume), so files rejected by their signature do not
-  shift a resumed run against the uninterrupted one; they are read for the check, but not decoded.
+
+def decode_stage(ds: tf.data.Dataset, encoded: bool, channels: int = 3,
+                 reduce_zero_label: bool = False) -> tf.data.Dataset:
+  """Every example of `ds`, in order, with a uint8 "image" of `channels` channels (segmentation: and a uint8
+  "annotation") and "ok": whether it decoded. Nothing is dropped: an undecodable file (no image signature,
+  garbage, truncated) becomes a blank placeholder with ok=False, so positions in the stream are positions in the
+  source's order whatever fails to decode.
+
+  Each example decodes in a dataset of its own whose errors are ignored, followed by its placeholder, of which
+  the first element is taken (tf.data's ignore_errors on the whole stream would drop the example without a
+  trace); the per-example datasets are interleaved in parallel, in order.
   """
-  if encoded:
-    ds = ds.map(lambda ex: {**ex, "ok": _has_image_signature(ex["image_bytes"])})
-    ds = ds.scan(tf.constant(0, tf.int32),
-                 lambda n, ex: (n + tf.cast(~ex["ok"], tf.int32), {**ex, "skipped": n + tf.cast(~ex["ok"], tf.int32)}))
-    ds = ds.filter(lambda ex: ex["ok"]).skip(skip)
-
-    def decode(ex):
-      out = {k: v for k, v in ex.items() if k not in ("image_bytes", "annotation_bytes", "ok")}
-      image = tf.io.decode_image(ex["image_bytes"], channels=channels, expand_animations=False)
-      out["image"] = augment.to_float(image, channels)
-      if "annotation_bytes" in ex:
-        out["annotation"] = _annotation(tf.io.decode_png(ex["annotation_bytes"], channels=1), reduce_zero_label)
+  if not encoded:
+    def convert(ex):
+      out = {**ex, "image": _with_channels(ex["image"], channels), "ok": tf.constant(True)}
+      if "annotation" in ex:
+        out["annotation"] = _annotation(ex["annotation"], reduce_zero_label)
       return out
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.ignore_errors(log_warning=True)
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  def convert(ex):
-    out = {**ex, "image": augment.to_float(ex["image"], channels), "skipped": tf.constant(0, tf.int32)}
-    if "annotation" in ex:
-      out["annotation"] = _annotation(ex["annotation"], reduce_zero_label)
+  def rest(ex):
+    return {k: v for k, v in ex.items() if k not in ("image_bytes", "annotation_bytes")}
+
+  def decode(ex):
+    out = {**rest(ex), "image": tf.io.decode_image(ex["image_bytes"], channels=channels, expand_animations=False),
+           "ok": tf.constant(True)}
+    if "annotation_bytes" in ex:
+      out["annotation"] = _annotation(tf.io.decode_png(ex["annotation_bytes"], channels=1), reduce_zero_label)
     return out
-  return ds.skip(skip).map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def placeholder(ex):
+    out = {**rest(ex), "image": tf.zeros([_PLACEHOLDER, _PLACEHOLDER, channels], tf.uint8), "ok": tf.constant(False)}
+    if "annotation_bytes" in ex:
+      out["annotation"] = tf.fill([_PLACEHOLDER, _PLACEHOLDER], tf.constant(SEG_IGNORE, tf.uint8))
+    return out
+
+  def guarded(ex):
+    one = tf.data.Dataset.from_tensors(ex)
+    return one.map(decode).ignore_errors().concatenate(one.map(placeholder)).take(1)
+  return ds.interleave(guarded, block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _count_bad(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """"skipped": the running count of undecodable examples so far in `ds` (this host's epoch)."""
+  def count(n, ex):
+    n = n + tf.cast(~ex["ok"], tf.int32)
+    return n, {**ex, "skipped": n}
+  return ds.scan(tf.constant(0, tf.int32), count)
+
+
+def decoded(ds: tf.data.Dataset, encoded: bool, channels: int = 3,
+            reduce_zero_label: bool = False) -> tf.data.Dataset:
+  """The examples that decode, with a float32 [0, 1] image (segmentation: and a uint8 "annotation") and
+  "skipped", the running count of those that did not (see decode_stage)."""
+  ds = _count_bad(decode_stage(ds, encoded, channels, reduce_zero_label)).filter(lambda ex: ex["ok"])
+  return ds.map(lambda ex: {**{k: v for k, v in ex.items() if k != "ok"},
+                            "image": augment.to_float(ex["image"], channels)},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _replace_bad_rows(batch: Example) -> Example:
+  """A training batch whose rows of undecodable files ("ok" False) hold copies of its good rows, taken in turn
+  (the first bad row gets the first good row, ...): the batch keeps its size and its place in the epoch. "bad"
+  marks the copied rows, "file_index" keeps every row's own index (for naming the bad files). A batch without a
+  good row is left as it is (train_batches refuses it)."""
+  ok = batch["ok"]
+  rows = tf.range(tf.shape(ok)[0], dtype=tf.int32)
+  good = tf.boolean_mask(rows, ok)
+  n_good = tf.maximum(tf.size(good), 1)
+  rank = tf.cumsum(tf.cast(~ok, tf.int32)) - 1  # a bad row's rank among the bad rows
+  take = tf.where(ok | (tf.size(good) == 0), rows,
+                  tf.gather(tf.concat([good, [0]], 0), tf.math.floormod(rank, n_good)))
+  out = {k: v if k in _BOOKKEEPING else tf.gather(v, take) for k, v in batch.items()}
+  del out["ok"]
+  return {**out, **_bad_keys(batch)}
+
+
+def _bad_keys(batch: Example) -> Example:
+  bad = ~batch["ok"]
+  return {"bad": bad, "file_index": batch["index"],
+          "skipped": tf.fill(tf.shape(bad), tf.reduce_sum(tf.cast(bad, tf.int32)))}
+
+
+def _record_bad(batch: dict[str, np.ndarray], source: Source, record: _bad_files.BadFiles, where: str):
+  bad = batch["bad"]
+  if bad.any():
+    record.add([source.describe(i) for i in batch["file_index"][bad]], where)
 
 
 # -- per-example transforms -----------------------------------------------------------------------------------
@@ -253,24 +318,41 @@ def _with_masks(ds: tf.data.Dataset, masks: MaskSpec, seed: int, epoch: int, hos
   return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def _transformed(ds: tf.data.Dataset, transform: Transform, epoch: int, channels: int) -> tf.data.Dataset:
+  """`transform` of each decoded example (its image as float32 [0, 1]), the bookkeeping keys kept."""
+  def fn(ex):
+    out = transform({**{k: v for k, v in ex.items() if k not in _BOOKKEEPING},
+                     "image": augment.to_float(ex["image"], channels)}, tf.constant(epoch, tf.int64))
+    return {**out, **{k: ex[k] for k in _BOOKKEEPING if k in ex}}
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def train_batches(source: Source, transform: Transform, *, host_batch: int, seed: int, start_step: int = 0,
                   shard: Shard = Shard(), masks: Optional[MaskSpec] = None, channels: int = 3,
-                  prefetch: int = 2, threads: Optional[int] = None) -> Iterator[dict[str, np.ndarray]]:
-  """Endless host-local training batches from `start_step` on (see the module docstring)."""
+                  prefetch: int = 2, threads: Optional[int] = None,
+                  bad_files: Optional[bad_files.BadFiles] = None) -> Iterator[dict[str, np.ndarray]]:
+  """Endless host-local training batches from `start_step` on (see the module docstring). `bad_files`: the
+  record undecodable files are added to (default: bad_files.SEEN, this process's)."""
+  record = bad_files if bad_files is not None else _bad_files.SEEN
   spe = steps_per_epoch(source, host_batch, shard.count)
   epoch, offset = divmod(int(start_step), spe)
   while True:
-    raw = source.read(shard_index=shard.index, shard_count=shard.count, shuffle=True, seed=seed, epoch=epoch)
-    # repeat(): a shard shortened by bad files wraps around, so every host yields exactly `spe` batches.
-    ds = decoded(raw, source.encoded, channels, skip=offset * host_batch,
-                 reduce_zero_label=source.reduce_zero_label).repeat()
-    ds = ds.map(lambda ex, e=epoch: transform(ex, tf.constant(e, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
-    ds = ds.batch(host_batch, drop_remainder=True).take(spe - offset)
+    # Step k of the epoch is the k-th window of host_batch examples of this host's order, whatever fails to
+    # decode in it: a resume at step s reads from example (s % spe) * host_batch of the epoch, skipped unread.
+    raw = source.read(shard_index=shard.index, shard_count=shard.count, shuffle=True, seed=seed, epoch=epoch,
+                      skip=offset * host_batch).take((spe - offset) * host_batch)
+    ds = decode_stage(raw, source.encoded, channels, reduce_zero_label=source.reduce_zero_label)
+    ds = _transformed(ds, transform, epoch, channels)
+    ds = ds.batch(host_batch, drop_remainder=True).map(_replace_bad_rows)
     if masks is not None:
       ds = _with_masks(ds, masks, seed, epoch, host_batch)
     ds = ds.map(lambda b, e=epoch: {**b, "epoch": tf.fill([host_batch], tf.constant(e, tf.int32))})
-    for batch in tfds.as_numpy(ds.with_options(_options(threads)).prefetch(prefetch)):
+    for step, batch in enumerate(tfds.as_numpy(ds.with_options(_options(threads)).prefetch(prefetch)), offset):
+      _record_bad(batch, source, record, f"training epoch {epoch}")
+      if batch["bad"].all():
+        raise ValueError(f"step {epoch * spe + step} (epoch {epoch}) on host {shard.index}: all {host_batch} files "
+                         f"of its batch fail to decode, e.g. {source.describe(batch['file_index'][0])}: "
+                         f"{record.summary()}")
       yield check_labels(batch, source)
     epoch, offset = epoch + 1, 0
 
@@ -307,23 +389,36 @@ def check_labels(batch: dict[str, np.ndarray], source: Source) -> dict[str, np.n
 
 def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard: Shard = Shard(),
                  channels: int = 3, threads: Optional[int] = None, masks: Optional[MaskSpec] = None,
-                 mask_seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                 mask_seed: int = 0, bad_files: Optional[_bad_files.BadFiles] = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the split, each example exactly once across hosts; every host yields the same number of
-  batches, padded with `valid=False` rows (weight metrics by `valid`). `masks`: each batch also carries the masks
-  of (mask_seed, epoch 0, index), padding rows' included."""
+  batches, padded with `valid=False` rows (weight metrics by `valid`). An undecodable file's row is blank and
+  invalid as the padding's, and added to `bad_files` (default: bad_files.SEEN). `masks`: each batch also carries
+  the masks of (mask_seed, epoch 0, index), padding rows' included."""
+  record = bad_files if bad_files is not None else _bad_files.SEEN
   num_batches = math.ceil(math.ceil(source.num_examples / shard.count) / host_batch)
-  ds = decoded(source.read(shard_index=shard.index, shard_count=shard.count), source.encoded, channels,
-               reduce_zero_label=source.reduce_zero_label)
-  ds = ds.map(lambda ex: {**transform(ex, tf.constant(0, tf.int64)), "valid": tf.constant(True)},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = decode_stage(source.read(shard_index=shard.index, shard_count=shard.count), source.encoded, channels,
+                    reduce_zero_label=source.reduce_zero_label)
+
+  def blank_bad(ex):
+    ok = ex["ok"]
+    out = {k: v if k in ("index",) + _BOOKKEEPING else tf.where(ok, v, tf.zeros_like(v)) for k, v in ex.items()}
+    return {**out, "valid": ok}
+  ds = _transformed(ds, transform, 0, channels).map(blank_bad, num_parallel_calls=tf.data.AUTOTUNE,
+                                                    deterministic=True)
   spec = ds.element_spec
   pad = {k: tf.zeros(v.shape, v.dtype) for k, v in spec.items()}
-  pad["valid"] = tf.constant(False)
+  pad.update(valid=tf.constant(False), ok=tf.constant(True))  # padding is no bad file
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * host_batch)
   ds = ds.batch(host_batch)  # every batch full: the padding fills the last
+  ds = ds.map(lambda b: {**{k: v for k, v in b.items() if k != "ok"}, **_bad_keys(b)})
   if masks is not None:
     ds = _with_masks(ds, masks, mask_seed, 0, host_batch)
-  return (check_labels(b, source) for b in tfds.as_numpy(ds.with_options(_options(threads)).prefetch(2)))
+  def batches(ds):
+    for batch in tfds.as_numpy(ds):
+      _record_bad(batch, source, record, "evaluation")
+      yield check_labels(batch, source)
+  return batches(ds.with_options(_options(threads)).prefetch(2))
 
 
 # -- semantic segmentation ---------------------------------------------------------------------------------------

@@ -64,6 +64,13 @@ class Source:
   encoded: bool  # "image_bytes" (needs decoding) rather than "image"
   _read: Callable[..., tf.data.Dataset]
   reduce_zero_label: bool = False  # segmentation: annotation 0 -> ignore (255), k -> k - 1 (mmseg's ADE20K)
+  # What an example's `index` is called in messages (a file's path); None: "<name> <split> example <index>".
+  describe_index: Optional[Callable[[int], str]] = None
+
+  def describe(self, index: int) -> str:
+    if self.describe_index is not None:
+      return self.describe_index(int(index))
+    return f"{self.name} {self.split} example {int(index)}"
 
   def read(self, *, shard_index: int = 0, shard_count: int = 1, shuffle: bool = False, seed: int = 0,
            epoch: int = 0, skip: int = 0) -> tf.data.Dataset:
@@ -172,7 +179,8 @@ def image_folder(root: str, split: str) -> Source:
   def make(ds):
     return ds.map(lambda i: {"image_bytes": tf.io.read_file(tf.gather(paths_t, i)),
                              "label": tf.gather(labels_t, i), "index": i}, num_parallel_calls=tf.data.AUTOTUNE)
-  return Source(f"folder:{root}", split, len(paths), len(classes), True, _indexed(len(paths), make))
+  return Source(f"folder:{root}", split, len(paths), len(classes), True, _indexed(len(paths), make),
+                describe_index=paths.__getitem__)
 
 
 # -- tfds ---------------------------------------------------------------------------------------------------------
@@ -294,7 +302,8 @@ def ade20k_folder(root: str, split: str) -> Source:
     return ds.map(lambda i: {"image_bytes": tf.io.read_file(tf.gather(images_t, i)),
                              "annotation_bytes": tf.io.read_file(tf.gather(annotations_t, i)), "index": i},
                   num_parallel_calls=tf.data.AUTOTUNE)
-  return Source(f"ade20k:{root}", split, len(images), 150, True, _indexed(len(images), make), reduce_zero_label=True)
+  return Source(f"ade20k:{root}", split, len(images), 150, True, _indexed(len(images), make), reduce_zero_label=True,
+                describe_index=lambda i: f"{images[i]} (annotation {annotations[i]})")
 
 
 # Composited Fashion-MNIST: one item enlarged `COMPOSITE_SCALE` times (nearest) at a random place on a black
