@@ -64,12 +64,15 @@ def random_resized_crop_box(seed: Seed, height, width, scale=(0.08, 1.0), ratio=
   return top, left, h, w
 
 
+def resize(image, size: int, method: str = "bicubic"):
+  """Resizes to size x size (antialiased, as PIL's resampling when shrinking), clipped to [0, 1]."""
+  return tf.clip_by_value(tf.image.resize(image, (size, size), method=method, antialias=True), 0.0, 1.0)
+
+
 def crop_resize(image, box, size: int, method: str = "bicubic"):
-  """Crops `box` and resizes to size x size (antialiased, as PIL's resampling when shrinking)."""
+  """Crops `box` and resizes to size x size (see `resize`)."""
   top, left, h, w = box
-  crop = tf.image.crop_to_bounding_box(image, top, left, h, w)
-  out = tf.image.resize(crop, (size, size), method=method, antialias=True)
-  return tf.clip_by_value(out, 0.0, 1.0)
+  return resize(tf.image.crop_to_bounding_box(image, top, left, h, w), size, method)
 
 
 def resize_center_crop(image, size: int, crop_pct: float, method: str = "bicubic"):

@@ -56,7 +56,28 @@ def mean_std(name: str):
   if name not in _MEAN_STD:
     raise ValueError(f"config.data.mean_std={name!r}: use one of {sorted(_MEAN_STD)}")
   return _MEAN_STD[name]
-Transform = Callable[[Example, tf.Tensor], Example]  # (decoded example with float image, epoch) -> example
+Box = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]  # (top, left, height, width) int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Cropped:
+  """A transform whose first step is a crop drawn from the image's size alone: `crop(example, epoch, height,
+  width)` -> the box, `fn(example, epoch)` -> the rest, given the box's pixels as "image". The pipelines draw the
+  box from a JPEG's header (tf.image.extract_jpeg_shape) and decode only the box (tf.image.decode_and_crop_jpeg:
+  the rows below it are never decoded, the columns outside it are not colour-converted); other formats and decoded
+  sources are cropped after decoding, to the same pixels (tests/test_pipelines.py). Called as a function, it
+  crops the decoded image it is given and runs `fn`."""
+  fn: Callable[[Example, tf.Tensor], Example]
+  crop: Callable[[Example, tf.Tensor, tf.Tensor, tf.Tensor], Box]
+
+  def __call__(self, ex: Example, epoch) -> Example:
+    image = ex["image"]
+    top, left, h, w = self.crop(ex, epoch, tf.shape(image)[0], tf.shape(image)[1])
+    return self.fn({**ex, "image": image[top:top + h, left:left + w]}, epoch)
+
+
+# (decoded example with a float32 [0, 1] image, epoch) -> example; or a Cropped one
+Transform = Callable[[Example, tf.Tensor], Example]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,12 +141,55 @@ def _with_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
   return image
 
 
-def decode_stage(ds: tf.data.Dataset, encoded: bool, channels: int = 3,
-                 reduce_zero_label: bool = False) -> tf.data.Dataset:
+_EOI_TAIL = 32  # a JPEG counts as whole if its EOI marker is in its last bytes (else a full decode decides)
+_JPEG_MARGIN = 2  # columns decoded beyond each side of a box (decode_image)
+
+
+def _jpeg_whole(data: tf.Tensor) -> tf.Tensor:
+  """0 once the JPEG `data` is known to hold its whole image, else an error: its EOI marker (FF D9, which cannot
+  occur in entropy-coded data) in its last _EOI_TAIL bytes, or else a full decode that succeeds (a file with
+  trailing bytes after its EOI). The fused decode-and-crop alone would accept a truncated file whose box lies
+  in the part that is there; a full decode refuses every truncated file."""
+  n = tf.strings.length(data)
+  tail = tf.io.decode_raw(tf.strings.substr(data, tf.maximum(n - _EOI_TAIL, 0), _EOI_TAIL), tf.uint8)
+  eoi = tf.reduce_any((tail[:-1] == 0xFF) & (tail[1:] == 0xD9))
+  return tf.cond(eoi, lambda: tf.constant(0), lambda: tf.size(tf.io.decode_jpeg(data)) * 0)
+
+
+def decode_image(data: tf.Tensor, channels: int = 3,
+                 box: Optional[Callable[[tf.Tensor, tf.Tensor], Box]] = None) -> tf.Tensor:
+  """uint8 [H, W, channels] of an encoded image; raises for anything undecodable. `box(height, width)`: only
+  that box of the image, drawn from its size: a JPEG's from its header, decoded with the fused decode-and-crop
+  (after _jpeg_whole); any other format decoded whole, then cropped. The fused decode gives the same pixels,
+  bitwise, as a full decode cropped (tests/test_pipelines.py): both use TensorFlow's default DCT, and the box is
+  decoded _JPEG_MARGIN columns wider on each side, then cut (libjpeg's chroma upsampling treats a crop's first
+  and last columns as the image's edge: they differed by up to 25/255 in 4:2:0 and 4:2:2 files)."""
+  if box is None:
+    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+
+  def fused():
+    shape = tf.image.extract_jpeg_shape(data)
+    top, left, h, w = box(shape[0], shape[1])
+    wide_left = tf.maximum(left - _JPEG_MARGIN, 0)
+    wide_width = tf.minimum(left + w + _JPEG_MARGIN, shape[1]) - wide_left
+    with tf.control_dependencies([_jpeg_whole(data)]):
+      wide = tf.image.decode_and_crop_jpeg(data, tf.stack([top, wide_left, h, wide_width]), channels=channels)
+    return wide[:, left - wide_left:left - wide_left + w]
+
+  def whole():
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+    top, left, h, w = box(tf.shape(image)[0], tf.shape(image)[1])
+    return image[top:top + h, left:left + w]
+  return tf.cond(tf.io.is_jpeg(data), fused, whole)
+
+
+def decode_stage(ds: tf.data.Dataset, encoded: bool, channels: int = 3, reduce_zero_label: bool = False,
+                 crop: Optional[Callable[[Example, tf.Tensor, tf.Tensor], Box]] = None) -> tf.data.Dataset:
   """Every example of `ds`, in order, with a uint8 "image" of `channels` channels (segmentation: and a uint8
   "annotation") and "ok": whether it decoded. Nothing is dropped: an undecodable file (no image signature,
   garbage, truncated) becomes a blank placeholder with ok=False, so positions in the stream are positions in the
-  source's order whatever fails to decode.
+  source's order whatever fails to decode. `crop(example, height, width)`: the image is only that box
+  (decode_image's fused decode-and-crop for JPEGs).
 
   Each example decodes in a dataset of its own whose errors are ignored, followed by its placeholder, of which
   the first element is taken (tf.data's ignore_errors on the whole stream would drop the example without a
@@ -133,7 +197,11 @@ def decode_stage(ds: tf.data.Dataset, encoded: bool, channels: int = 3,
   """
   if not encoded:
     def convert(ex):
-      out = {**ex, "image": _with_channels(ex["image"], channels), "ok": tf.constant(True)}
+      image = _with_channels(ex["image"], channels)
+      if crop is not None:
+        top, left, h, w = crop(ex, tf.shape(image)[0], tf.shape(image)[1])
+        image = image[top:top + h, left:left + w]
+      out = {**ex, "image": image, "ok": tf.constant(True)}
       if "annotation" in ex:
         out["annotation"] = _annotation(ex["annotation"], reduce_zero_label)
       return out
@@ -143,8 +211,8 @@ def decode_stage(ds: tf.data.Dataset, encoded: bool, channels: int = 3,
     return {k: v for k, v in ex.items() if k not in ("image_bytes", "annotation_bytes")}
 
   def decode(ex):
-    out = {**rest(ex), "image": tf.io.decode_image(ex["image_bytes"], channels=channels, expand_animations=False),
-           "ok": tf.constant(True)}
+    box = None if crop is None else (lambda h, w: crop(ex, h, w))
+    out = {**rest(ex), "image": decode_image(ex["image_bytes"], channels, box), "ok": tf.constant(True)}
     if "annotation_bytes" in ex:
       out["annotation"] = _annotation(tf.io.decode_png(ex["annotation_bytes"], channels=1), reduce_zero_label)
     return out
@@ -209,14 +277,30 @@ def _record_bad(batch: dict[str, np.ndarray], source: Source, record: _bad_files
 
 
 # -- per-example transforms -----------------------------------------------------------------------------------
+def _random_resized_crop(seed: int, index: int, parts: int, scale) -> Callable[..., Box]:
+  """The crop of Cropped transforms: torchvision's RandomResizedCrop box from draw `index` of `parts` of the
+  example's seed (a pure function of seed, epoch, example index and the image's size)."""
+  def crop(ex, epoch, height, width):
+    s = augment.split(augment.example_seed(seed, epoch, ex["index"]), parts)
+    return augment.random_resized_crop_box(s[index], height, width, scale=scale)
+  return crop
+
+
 def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int = 112,
                        tokenizer_resize: str = "lanczos3", color_jitter: float = 0.4,
-                       mean_std=INCEPTION, scale=(0.08, 1.0)) -> Transform:
-  """BEiT pre-training: colour jitter, flip, ONE random-resized crop resized twice.
+                       mean_std=INCEPTION, scale=(0.08, 1.0)) -> Cropped:
+  """BEiT pre-training: ONE random-resized crop, colour jitter and flip of the crop, resized twice.
 
   "image": the model view (image_size, bicubic, normalised); "tokenizer_image": the tokenizer view
   (tokenizer_size, `tokenizer_resize`, in [0, 1]; each tokenizer applies its own input mapping, e.g.
   DALL-E's 0.1 + 0.8x).
+
+  Order: the original (unilm's DataAugmentationForBEiT) jitters and flips the whole image, then crops. Here the
+  box is drawn first, from the image's size (so a JPEG decodes only the box, see Cropped), and the jitter and
+  flip run on the crop's pixels. Brightness and saturation act on each pixel alone, so they give the same pixels
+  either way; contrast blends with the mean grey of the crop instead of the whole image's; the flip mirrors the
+  crop instead of the image the box is drawn in (the same distribution of views: a box and its mirror are
+  equally likely). The draws are today's: (jitter, flip, box) from the example's seed of (seed, epoch, index).
   """
   def fn(ex, epoch):
     s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 3)
@@ -224,21 +308,18 @@ def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int 
     if color_jitter > 0:
       image = augment.color_jitter(image, s[0], color_jitter)
     image = augment.random_flip(image, s[1])
-    box = augment.random_resized_crop_box(s[2], tf.shape(image)[0], tf.shape(image)[1], scale=scale)
-    view = augment.normalize(augment.crop_resize(image, box, image_size, "bicubic"), *mean_std)
-    return {**ex, "image": view, "tokenizer_image": augment.crop_resize(image, box, tokenizer_size, tokenizer_resize)}
-  return fn
+    view = augment.normalize(augment.resize(image, image_size, "bicubic"), *mean_std)
+    return {**ex, "image": view, "tokenizer_image": augment.resize(image, tokenizer_size, tokenizer_resize)}
+  return Cropped(fn, _random_resized_crop(seed, 2, 3, scale))
 
 
-def tokenizer_transform(*, seed: int, image_size: int, scale=(0.35, 1.0)) -> Transform:
+def tokenizer_transform(*, seed: int, image_size: int, scale=(0.35, 1.0)) -> Cropped:
   """Tokenizer training: a random-resized crop (milder than pre-training's: the codebook should see whole
   objects) and a flip; "image" stays in [0, 1] (the tokenizer maps it inside)."""
   def fn(ex, epoch):
     s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 2)
-    image = ex["image"]
-    box = augment.random_resized_crop_box(s[0], tf.shape(image)[0], tf.shape(image)[1], scale=scale)
-    return {**ex, "image": augment.random_flip(augment.crop_resize(image, box, image_size, "bicubic"), s[1])}
-  return fn
+    return {**ex, "image": augment.random_flip(augment.resize(ex["image"], image_size, "bicubic"), s[1])}
+  return Cropped(fn, _random_resized_crop(seed, 0, 2, scale))
 
 
 def plain_transform(*, image_size: int) -> Transform:
@@ -263,21 +344,20 @@ def mim_eval_transform(*, image_size: int, tokenizer_size: int, tokenizer_resize
 
 
 def finetune_transform(*, seed: int, image_size: int = 224, rand_augment: Optional[tuple[int, float, float]] = (2, 9.0, 0.5),
-                       erase_prob: float = 0.25, mean_std=INCEPTION, scale=(0.08, 1.0)) -> Transform:
-  """BEiT fine-tuning (timm create_transform): random-resized crop, flip, RandAugment (num_ops, magnitude,
-  magnitude_std), normalise, random erasing. Mixup/CutMix run on device (mixup.py)."""
+                       erase_prob: float = 0.25, mean_std=INCEPTION, scale=(0.08, 1.0)) -> Cropped:
+  """BEiT fine-tuning (timm create_transform): random-resized crop (a JPEG decodes only the box, see Cropped),
+  flip, RandAugment (num_ops, magnitude, magnitude_std), normalise, random erasing; in timm's order. Mixup/CutMix
+  run on device (mixup.py)."""
   def fn(ex, epoch):
     s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 4)
-    image = ex["image"]
-    box = augment.random_resized_crop_box(s[0], tf.shape(image)[0], tf.shape(image)[1], scale=scale)
-    image = augment.random_flip(augment.crop_resize(image, box, image_size, "bicubic"), s[1])
+    image = augment.random_flip(augment.resize(ex["image"], image_size, "bicubic"), s[1])
     if rand_augment:
       image = augment.rand_augment(image, s[2], *rand_augment)
     image = augment.normalize(image, *mean_std)
     if erase_prob > 0:
       image = augment.random_erasing(image, s[3], erase_prob)
     return {**ex, "image": image}
-  return fn
+  return Cropped(fn, _random_resized_crop(seed, 0, 4, scale))
 
 
 def eval_transform(*, image_size: int = 224, crop_pct: Optional[float] = None, mean_std=INCEPTION) -> Transform:
@@ -318,11 +398,18 @@ def _with_masks(ds: tf.data.Dataset, masks: MaskSpec, seed: int, epoch: int, hos
   return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _transformed(ds: tf.data.Dataset, transform: Transform, epoch: int, channels: int) -> tf.data.Dataset:
-  """`transform` of each decoded example (its image as float32 [0, 1]), the bookkeeping keys kept."""
+def _decoded_and_transformed(raw: tf.data.Dataset, source: Source, transform: Transform, epoch: int,
+                             channels: int) -> tf.data.Dataset:
+  """decode_stage, then `transform` of each example (its image as float32 [0, 1]), the bookkeeping keys kept. A
+  Cropped transform's crop is done by the decoder (only the box is decoded), its fn here."""
+  e = tf.constant(epoch, tf.int64)
+  crop = (lambda ex, h, w: transform.crop(ex, e, h, w)) if isinstance(transform, Cropped) else None
+  rest = transform.fn if isinstance(transform, Cropped) else transform
+  ds = decode_stage(raw, source.encoded, channels, reduce_zero_label=source.reduce_zero_label, crop=crop)
+
   def fn(ex):
-    out = transform({**{k: v for k, v in ex.items() if k not in _BOOKKEEPING},
-                     "image": augment.to_float(ex["image"], channels)}, tf.constant(epoch, tf.int64))
+    out = rest({**{k: v for k, v in ex.items() if k not in _BOOKKEEPING},
+                "image": augment.to_float(ex["image"], channels)}, e)
     return {**out, **{k: ex[k] for k in _BOOKKEEPING if k in ex}}
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -341,8 +428,7 @@ def train_batches(source: Source, transform: Transform, *, host_batch: int, seed
     # decode in it: a resume at step s reads from example (s % spe) * host_batch of the epoch, skipped unread.
     raw = source.read(shard_index=shard.index, shard_count=shard.count, shuffle=True, seed=seed, epoch=epoch,
                       skip=offset * host_batch).take((spe - offset) * host_batch)
-    ds = decode_stage(raw, source.encoded, channels, reduce_zero_label=source.reduce_zero_label)
-    ds = _transformed(ds, transform, epoch, channels)
+    ds = _decoded_and_transformed(raw, source, transform, epoch, channels)
     ds = ds.batch(host_batch, drop_remainder=True).map(_replace_bad_rows)
     if masks is not None:
       ds = _with_masks(ds, masks, seed, epoch, host_batch)
@@ -397,15 +483,14 @@ def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard
   the masks of (mask_seed, epoch 0, index), padding rows' included."""
   record = bad_files if bad_files is not None else _bad_files.SEEN
   num_batches = math.ceil(math.ceil(source.num_examples / shard.count) / host_batch)
-  ds = decode_stage(source.read(shard_index=shard.index, shard_count=shard.count), source.encoded, channels,
-                    reduce_zero_label=source.reduce_zero_label)
+  ds = _decoded_and_transformed(source.read(shard_index=shard.index, shard_count=shard.count), source, transform, 0,
+                                channels)
 
   def blank_bad(ex):
     ok = ex["ok"]
     out = {k: v if k in ("index",) + _BOOKKEEPING else tf.where(ok, v, tf.zeros_like(v)) for k, v in ex.items()}
     return {**out, "valid": ok}
-  ds = _transformed(ds, transform, 0, channels).map(blank_bad, num_parallel_calls=tf.data.AUTOTUNE,
-                                                    deterministic=True)
+  ds = ds.map(blank_bad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   spec = ds.element_spec
   pad = {k: tf.zeros(v.shape, v.dtype) for k, v in spec.items()}
   pad.update(valid=tf.constant(False), ok=tf.constant(True))  # padding is no bad file
