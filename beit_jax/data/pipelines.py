@@ -286,14 +286,37 @@ def _random_resized_crop(seed: int, index: int, parts: int, scale) -> Callable[.
   return crop
 
 
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """[0, 1] float -> uint8, rounded (device.normalize / device.to_unit undo it within 0.5 / 255)."""
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+TOKENIZER_VIEWS = ("host", "device")
+
+
+def _check_views(uint8: bool, tokenizer_view: str):
+  if tokenizer_view not in TOKENIZER_VIEWS:
+    raise ValueError(f"tokenizer_view={tokenizer_view!r}: use one of {TOKENIZER_VIEWS}")
+  if tokenizer_view == "device" and not uint8:
+    raise ValueError("tokenizer_view='device' makes the tokenizer view from the uint8 model view on the device: "
+                     "it needs uint8=True (data.uint8)")
+
+
 def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int = 112,
                        tokenizer_resize: str = "lanczos3", color_jitter: float = 0.4,
-                       mean_std=INCEPTION, scale=(0.08, 1.0)) -> Cropped:
+                       mean_std=INCEPTION, scale=(0.08, 1.0), uint8: bool = False,
+                       tokenizer_view: str = "host") -> Cropped:
   """BEiT pre-training: ONE random-resized crop, colour jitter and flip of the crop, resized twice.
 
   "image": the model view (image_size, bicubic, normalised); "tokenizer_image": the tokenizer view
   (tokenizer_size, `tokenizer_resize`, in [0, 1]; each tokenizer applies its own input mapping, e.g.
   DALL-E's 0.1 + 0.8x).
+
+  `uint8`: both views leave the host as uint8 in [0, 255], not normalised (4x less host memory and host->device
+  traffic); device.pretrain_inputs normalises them inside the jitted step, within 0.5 / 255 of the float path
+  before normalisation. `tokenizer_view="device"` (with uint8): no tokenizer view from the host at all; the
+  device resizes it from the model view (device.pretrain_inputs with tokenizer_size), which is not the same
+  resampling (tests/test_pipelines.py states how close).
 
   Order: the original (unilm's DataAugmentationForBEiT) jitters and flips the whole image, then crops. Here the
   box is drawn first, from the image's size (so a JPEG decodes only the box, see Cropped), and the jitter and
@@ -302,15 +325,26 @@ def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int 
   crop instead of the image the box is drawn in (the same distribution of views: a box and its mirror are
   equally likely). The draws are today's: (jitter, flip, box) from the example's seed of (seed, epoch, index).
   """
+  _check_views(uint8, tokenizer_view)
+
   def fn(ex, epoch):
     s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 3)
     image = ex["image"]
     if color_jitter > 0:
       image = augment.color_jitter(image, s[0], color_jitter)
     image = augment.random_flip(image, s[1])
-    view = augment.normalize(augment.resize(image, image_size, "bicubic"), *mean_std)
-    return {**ex, "image": view, "tokenizer_image": augment.resize(image, tokenizer_size, tokenizer_resize)}
+    return {**ex, **_pretrain_views(image, image_size, tokenizer_size, tokenizer_resize, mean_std, uint8,
+                                    tokenizer_view)}
   return Cropped(fn, _random_resized_crop(seed, 2, 3, scale))
+
+
+def _pretrain_views(image, image_size, tokenizer_size, tokenizer_resize, mean_std, uint8, tokenizer_view):
+  view = augment.resize(image, image_size, "bicubic")
+  out = {"image": _to_uint8(view) if uint8 else augment.normalize(view, *mean_std)}
+  if tokenizer_view == "host":
+    tok = augment.resize(image, tokenizer_size, tokenizer_resize)
+    out["tokenizer_image"] = _to_uint8(tok) if uint8 else tok
+  return out
 
 
 def tokenizer_transform(*, seed: int, image_size: int, scale=(0.35, 1.0)) -> Cropped:
@@ -332,14 +366,15 @@ def plain_transform(*, image_size: int) -> Transform:
 
 
 def mim_eval_transform(*, image_size: int, tokenizer_size: int, tokenizer_resize: str = "lanczos3",
-                       mean_std=INCEPTION) -> Transform:
-  """Held-out masked-token accuracy: both views of the whole image, no augmentation."""
+                       mean_std=INCEPTION, uint8: bool = False, tokenizer_view: str = "host") -> Transform:
+  """Held-out masked-token accuracy: both views of the whole image, no augmentation (`uint8`, `tokenizer_view`:
+  as pretrain_transform's)."""
+  _check_views(uint8, tokenizer_view)
+
   def fn(ex, epoch):
     del epoch
-    view = lambda size, method: tf.clip_by_value(
-        tf.image.resize(ex["image"], (size, size), method=method, antialias=True), 0.0, 1.0)
-    return {**ex, "image": augment.normalize(view(image_size, "bicubic"), *mean_std),
-            "tokenizer_image": view(tokenizer_size, tokenizer_resize)}
+    return {**ex, **_pretrain_views(ex["image"], image_size, tokenizer_size, tokenizer_resize, mean_std, uint8,
+                                    tokenizer_view)}
   return fn
 
 
@@ -590,22 +625,33 @@ def _split(data: Data, split: str | Source, make: Callable[[Data, str], Source] 
   return split if isinstance(split, Source) else make(data, split)
 
 
-def _only(mode: str, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+def _only(mode: str, batches: Iterator[dict[str, np.ndarray]], data: Optional[Data] = None
+          ) -> Iterator[dict[str, np.ndarray]]:
+  """KEYS[mode] of each batch; pre-training's without "tokenizer_image" when data.tokenizer_view is "device"."""
   keys = KEYS[mode]
+  if data is not None and data.get("tokenizer_view", "host") == "device":
+    keys = tuple(k for k in keys if k != "tokenizer_image")
   return ({k: b[k] for k in keys} for b in batches)
+
+
+def _views(data: Data) -> dict:
+  """pretrain_transform's / mim_eval_transform's output options from config.data (both optional keys): uint8
+  (bool, default False: float32 views, normalised on the host) and tokenizer_view ("host" or "device")."""
+  return {"uint8": bool(data.get("uint8", False)), "tokenizer_view": data.get("tokenizer_view", "host")}
 
 
 def pretrain_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
                    shard: Shard = Shard(), masks: MaskSpec) -> Iterator[dict[str, np.ndarray]]:
   """Pre-training's batches from `start_step` on: the model view and the tokenizer view of one augmented crop
-  (pretrain_transform) and the masks of (seed, epoch, index)."""
+  (pretrain_transform) and the masks of (seed, epoch, index). data.uint8 / data.tokenizer_view (optional): see
+  pretrain_transform; the step then calls device.pretrain_inputs."""
   transform = pretrain_transform(
       seed=seed, image_size=data.image_size, tokenizer_size=data.tokenizer_size,
       tokenizer_resize=data.tokenizer_resize, color_jitter=data.color_jitter, mean_std=mean_std(data.mean_std),
-      scale=tuple(data.crop_scale))
+      scale=tuple(data.crop_scale), **_views(data))
   return _only("pretrain_train", train_batches(
       _split(data, split), transform, host_batch=host_batch, seed=seed, start_step=start_step, shard=shard,
-      masks=masks, channels=3, threads=data.get("threads")))
+      masks=masks, channels=3, threads=data.get("threads")), data)
 
 
 def pretrain_eval(data: Data, split: str | Source, *, host_batch: int, seed: int, shard: Shard = Shard(),
@@ -614,10 +660,11 @@ def pretrain_eval(data: Data, split: str | Source, *, host_batch: int, seed: int
   masks of (seed + 1, epoch 0, index): a draw of their own (seed itself would repeat epoch 0's training masks of
   the same indices), the same at every evaluation. "valid" is float32, the weight the step multiplies by."""
   transform = mim_eval_transform(image_size=data.image_size, tokenizer_size=data.tokenizer_size,
-                                 tokenizer_resize=data.tokenizer_resize, mean_std=mean_std(data.mean_std))
+                                 tokenizer_resize=data.tokenizer_resize, mean_std=mean_std(data.mean_std),
+                                 **_views(data))
   it = eval_batches(_split(data, split), transform, host_batch=host_batch, shard=shard, threads=data.get("threads"),
                     masks=masks, mask_seed=seed + 1)
-  return ({**b, "valid": b["valid"].astype(np.float32)} for b in _only("pretrain_eval", it))
+  return ({**b, "valid": b["valid"].astype(np.float32)} for b in _only("pretrain_eval", it, data))
 
 
 def _classification_train(mode: str, data: Data, split: str | Source, *, host_batch: int, seed: int,
