@@ -87,7 +87,8 @@ def resize_center_crop(image, size: int, crop_pct: float, method: str = "bicubic
 
 
 def random_flip(image, seed: Seed):
-  return tf.cond(_uniform(seed) < 0.5, lambda: image[:, ::-1], lambda: image)
+  """A horizontal flip with probability 1/2 (tf.reverse: a negative-stride slice was ~9x slower on a crop)."""
+  return tf.cond(_uniform(seed) < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def normalize(image, mean, std):
@@ -105,15 +106,15 @@ def _blend(a, b, factor):
 
 
 def brightness(image, f):
-  return _blend(image, tf.zeros_like(image), f)
+  return tf.clip_by_value(f * image, 0.0, 1.0)  # _blend with black
 
 
 def contrast(image, f):
-  return _blend(image, tf.reduce_mean(_gray(image)) * tf.ones_like(image), f)
+  return _blend(image, tf.reduce_mean(_gray(image)), f)  # the mean grey, broadcast
 
 
 def saturation(image, f):
-  return _blend(image, _gray(image) * tf.ones_like(image), f)
+  return _blend(image, _gray(image), f)  # each pixel's grey, broadcast over the channels
 
 
 def color_jitter(image, seed: Seed, strength: float = 0.4):
@@ -325,7 +326,8 @@ def random_crop_pair(image, annotation, seed: Seed, crop: int, cat_max_ratio: fl
 
 
 def random_flip_pair(image, annotation, seed: Seed):
-  return tf.cond(_uniform(seed) < 0.5, lambda: (image[:, ::-1], annotation[:, ::-1]), lambda: (image, annotation))
+  return tf.cond(_uniform(seed) < 0.5, lambda: (tf.reverse(image, [1]), tf.reverse(annotation, [1])),
+                 lambda: (image, annotation))
 
 
 def photometric_distortion(image, seed: Seed):
