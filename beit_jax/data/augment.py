@@ -96,8 +96,13 @@ def normalize(image, mean, std):
 
 
 # -- colour -----------------------------------------------------------------------------------------------------
+_GRAY = (0.299, 0.587, 0.114)  # PIL's L = 0.299 R + 0.587 G + 0.114 B
+
+
 def _gray(image):
-  return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+  """[..., 3] -> [..., 1] grey, as a sum of the channel slices (tf.reduce_sum over a last axis of 3 was ~4x
+  slower on a crop)."""
+  return image[..., 0:1] * _GRAY[0] + image[..., 1:2] * _GRAY[1] + image[..., 2:3] * _GRAY[2]
 
 
 def _blend(a, b, factor):
@@ -110,7 +115,8 @@ def brightness(image, f):
 
 
 def contrast(image, f):
-  return _blend(image, tf.reduce_mean(_gray(image)), f)  # the mean grey, broadcast
+  """Blends with the image's mean grey (from its channel means: the same number, without a grey image)."""
+  return _blend(image, tf.tensordot(tf.reduce_mean(image, [-3, -2]), tf.constant(_GRAY), 1), f)
 
 
 def saturation(image, f):
