@@ -518,3 +518,12 @@ def test_pretrain_entry_points_read_uint8_and_tokenizer_view(fmnist_train):
   assert tuple(b) == ("image", "mask") and b["image"].dtype == np.uint8
   b = next(pipelines.pretrain_eval(data, "test[:8]", host_batch=8, seed=0, masks=masks))
   assert tuple(b) == ("image", "mask", "valid") and b["image"].dtype == np.uint8
+
+
+def test_tf_data_options_from_the_config():
+  """config.data.threads and config.data.ram_budget_mb (optional) reach tf.data; order stays deterministic."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  options = pipelines._options(**pipelines._tf_data(ml_collections.ConfigDict({"threads": 3, "ram_budget_mb": 512})))
+  assert options.threading.private_threadpool_size == 3 and options.autotune.ram_budget == 512 * 2 ** 20
+  assert options.deterministic and options.autotune.enabled
+  assert pipelines._options().autotune.ram_budget in (None, 0)  # tf.data's default: half the host's memory

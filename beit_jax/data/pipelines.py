@@ -383,7 +383,8 @@ def mim_eval_transform(*, image_size: int, tokenizer_size: int, tokenizer_resize
   return fn
 
 
-def finetune_transform(*, seed: int, image_size: int = 224, rand_augment: Optional[tuple[int, float, float]] = (2, 9.0, 0.5),
+def finetune_transform(*, seed: int, image_size: int = 224,
+                       rand_augment: Optional[tuple[int, float, float]] = (2, 9.0, 0.5),
                        erase_prob: float = 0.25, mean_std=INCEPTION, scale=(0.08, 1.0)) -> Cropped:
   """BEiT fine-tuning (timm create_transform): random-resized crop (a JPEG decodes only the box, see Cropped),
   flip, RandAugment (num_ops, magnitude, magnitude_std), normalise, random erasing; in timm's order. Mixup/CutMix
@@ -420,13 +421,23 @@ def steps_per_epoch(source: Source, host_batch: int, num_hosts: int = 1) -> int:
   return steps
 
 
-def _options(threads: Optional[int] = None) -> tf.data.Options:
+def _options(threads: Optional[int] = None, ram_budget_mb: Optional[int] = None) -> tf.data.Options:
+  """Deterministic order (resume and host splits rely on it), tf.data's autotuning of parallelism and buffers
+  within `ram_budget_mb` (default: tf.data's, half the host's memory), `threads` threads (default: all cores)."""
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
+  options.autotune.enabled = True
+  if ram_budget_mb:
+    options.autotune.ram_budget = int(ram_budget_mb) * 2 ** 20
   if threads:  # leave cores to the training step (GPU/TPU hosts) or measure per core
     options.threading.private_threadpool_size = threads
   return options
+
+
+def _tf_data(data: "Data") -> dict:
+  """The tf.data options config.data may set (both optional): threads, ram_budget_mb."""
+  return {"threads": data.get("threads"), "ram_budget_mb": data.get("ram_budget_mb")}
 
 
 def _with_masks(ds: tf.data.Dataset, masks: MaskSpec, seed: int, epoch: int, host_batch: int) -> tf.data.Dataset:
@@ -456,7 +467,7 @@ def _decoded_and_transformed(raw: tf.data.Dataset, source: Source, transform: Tr
 
 def train_batches(source: Source, transform: Transform, *, host_batch: int, seed: int, start_step: int = 0,
                   shard: Shard = Shard(), masks: Optional[MaskSpec] = None, channels: int = 3,
-                  prefetch: int = 2, threads: Optional[int] = None,
+                  prefetch: int = 2, threads: Optional[int] = None, ram_budget_mb: Optional[int] = None,
                   bad_files: Optional[bad_files.BadFiles] = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless host-local training batches from `start_step` on (see the module docstring). `bad_files`: the
   record undecodable files are added to (default: bad_files.SEEN, this process's)."""
@@ -473,7 +484,8 @@ def train_batches(source: Source, transform: Transform, *, host_batch: int, seed
     if masks is not None:
       ds = _with_masks(ds, masks, seed, epoch, host_batch)
     ds = ds.map(lambda b, e=epoch: {**b, "epoch": tf.fill([host_batch], tf.constant(e, tf.int32))})
-    for step, batch in enumerate(tfds.as_numpy(ds.with_options(_options(threads)).prefetch(prefetch)), offset):
+    ds = ds.with_options(_options(threads, ram_budget_mb)).prefetch(prefetch)
+    for step, batch in enumerate(tfds.as_numpy(ds), offset):
       _record_bad(batch, source, record, f"training epoch {epoch}")
       if batch["bad"].all():
         raise ValueError(f"step {epoch * spe + step} (epoch {epoch}) on host {shard.index}: all {host_batch} files "
@@ -514,7 +526,8 @@ def check_labels(batch: dict[str, np.ndarray], source: Source) -> dict[str, np.n
 
 
 def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard: Shard = Shard(),
-                 channels: int = 3, threads: Optional[int] = None, masks: Optional[MaskSpec] = None,
+                 channels: int = 3, threads: Optional[int] = None, ram_budget_mb: Optional[int] = None,
+                 masks: Optional[MaskSpec] = None,
                  mask_seed: int = 0, bad_files: Optional[_bad_files.BadFiles] = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the split, each example exactly once across hosts; every host yields the same number of
@@ -543,7 +556,7 @@ def eval_batches(source: Source, transform: Transform, *, host_batch: int, shard
     for batch in tfds.as_numpy(ds):
       _record_bad(batch, source, record, "evaluation")
       yield check_labels(batch, source)
-  return batches(ds.with_options(_options(threads)).prefetch(2))
+  return batches(ds.with_options(_options(threads, ram_budget_mb)).prefetch(2))
 
 
 # -- semantic segmentation ---------------------------------------------------------------------------------------
@@ -656,7 +669,7 @@ def pretrain_train(data: Data, split: str | Source, *, host_batch: int, seed: in
       scale=tuple(data.crop_scale), **_views(data))
   return _only("pretrain_train", train_batches(
       _split(data, split), transform, host_batch=host_batch, seed=seed, start_step=start_step, shard=shard,
-      masks=masks, channels=3, threads=data.get("threads")), data)
+      masks=masks, channels=3, **_tf_data(data)), data)
 
 
 def pretrain_eval(data: Data, split: str | Source, *, host_batch: int, seed: int, shard: Shard = Shard(),
@@ -667,7 +680,7 @@ def pretrain_eval(data: Data, split: str | Source, *, host_batch: int, seed: int
   transform = mim_eval_transform(image_size=data.image_size, tokenizer_size=data.tokenizer_size,
                                  tokenizer_resize=data.tokenizer_resize, mean_std=mean_std(data.mean_std),
                                  **_views(data))
-  it = eval_batches(_split(data, split), transform, host_batch=host_batch, shard=shard, threads=data.get("threads"),
+  it = eval_batches(_split(data, split), transform, host_batch=host_batch, shard=shard, **_tf_data(data),
                     masks=masks, mask_seed=seed + 1)
   return ({**b, "valid": b["valid"].astype(np.float32)} for b in _only("pretrain_eval", it, data))
 
@@ -677,7 +690,7 @@ def _classification_train(mode: str, data: Data, split: str | Source, *, host_ba
   transform = finetune_transform(seed=seed, image_size=data.image_size, scale=tuple(data.augment.crop_scale),
                                  rand_augment=rand_augment, erase_prob=erase_prob, mean_std=mean_std(data.mean_std))
   return _only(mode, train_batches(_split(data, split), transform, host_batch=host_batch, seed=seed,
-                                   start_step=start_step, shard=shard, channels=3, threads=data.get("threads")))
+                                   start_step=start_step, shard=shard, channels=3, **_tf_data(data)))
 
 
 def classification_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
@@ -706,7 +719,7 @@ def classification_eval(data: Data, split: str | Source, *, host_batch: int,
   transform = eval_transform(image_size=data.image_size, crop_pct=data.get("crop_pct"),
                              mean_std=mean_std(data.mean_std))
   return _only("classification_eval", eval_batches(_split(data, split), transform, host_batch=host_batch,
-                                                   shard=shard, threads=data.get("threads")))
+                                                   shard=shard, **_tf_data(data)))
 
 
 def tokenizer_train(data: Data, split: str | Source, *, image_size: int, host_batch: int, seed: int,
@@ -716,7 +729,7 @@ def tokenizer_train(data: Data, split: str | Source, *, image_size: int, host_ba
   transform = tokenizer_transform(seed=seed, image_size=image_size, scale=tuple(data.crop_scale))
   return _only("tokenizer_train", train_batches(
       _split(data, split), transform, host_batch=host_batch, seed=seed, start_step=start_step, shard=shard,
-      channels=data.channels, threads=data.get("threads")))
+      channels=data.channels, **_tf_data(data)))
 
 
 def tokenizer_eval(data: Data, split: str | Source, *, image_size: int, host_batch: int,
@@ -724,7 +737,7 @@ def tokenizer_eval(data: Data, split: str | Source, *, image_size: int, host_bat
   """One pass over `split` resized to image_size, in [0, 1] (plain_transform), with "valid"."""
   return _only("tokenizer_eval", eval_batches(
       _split(data, split), plain_transform(image_size=image_size), host_batch=host_batch, shard=shard,
-      channels=data.channels, threads=data.get("threads")))
+      channels=data.channels, **_tf_data(data)))
 
 
 def segmentation_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
@@ -736,7 +749,7 @@ def segmentation_train(data: Data, split: str | Source, *, host_batch: int, seed
       cat_max_ratio=data.cat_max_ratio, photometric=data.photometric, mean_std=mean_std(data.mean_std))
   return _only("segmentation_train", train_batches(
       _split(data, split, seg_source_of), transform, host_batch=host_batch, seed=seed, start_step=start_step,
-      shard=shard, channels=3, threads=data.get("threads")))
+      shard=shard, channels=3, **_tf_data(data)))
 
 
 def segmentation_eval(data: Data, split: str | Source, *, host_batch: int, shard: Shard = Shard(),
@@ -746,4 +759,4 @@ def segmentation_eval(data: Data, split: str | Source, *, host_batch: int, shard
   transform = seg_eval_transform(crop_size=data.crop_size, scale=tuple(scale or data.scale),
                                  mean_std=mean_std(data.mean_std))
   return _only("segmentation_eval", eval_batches(_split(data, split, seg_source_of), transform, host_batch=host_batch,
-                                                 shard=shard, threads=data.get("threads")))
+                                                 shard=shard, **_tf_data(data)))
