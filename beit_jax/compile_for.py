@@ -141,7 +141,7 @@ def _finetune(config, mesh, notes):
   b = config.batch_size
   batch = _batch(mesh, finetune.batch_spec(config))
   step = finetune.jit_train_step(config, mesh, state, graphdef, tx, lr_fn, cfg.num_classes)
-  return step, (state, batch), flops.train_flops(cfg, b)
+  return step, (state, batch, None), flops.train_flops(cfg, b)
 
 
 def _tokenizer(config, mesh, notes):
@@ -155,10 +155,10 @@ def _tokenizer(config, mesh, notes):
   tcfg = vqgan.get_config(config.tokenizer.name, **dict(config.tokenizer.get("overrides", {})))
   perceptual = tokenizer.perceptual_loss(config)
   parts = tokenizer.create_state(config, tcfg, mesh, _STEPS, abstract=True)
-  images = _batch(mesh, tokenizer.batch_spec(config, tcfg))["image"]
+  batch = _batch(mesh, tokenizer.batch_spec(config, tcfg))
   step = tokenizer.jit_train_step(config, mesh, parts, perceptual, gan=config.loss.disc_start <= 0)
   perc = _abstract(perceptual.state, sharding.replicated(mesh)) if perceptual is not None else None
-  return step, (parts["state"], images, perc), None
+  return step, (parts["state"], batch, perc), None
 
 
 def _segmentation(config, mesh, notes):
@@ -169,7 +169,7 @@ def _segmentation(config, mesh, notes):
   bcfg, seg_cfg = segmentation.model_configs(config, num_classes)
   graphdef, state, tx, lr_fn = segmentation.create_state(config, bcfg, seg_cfg, mesh, _STEPS, abstract=True)
   batch = _batch(mesh, segmentation.batch_spec(config))
-  return segmentation.jit_train_step(config, mesh, state, graphdef, tx, lr_fn), (state, batch), None
+  return segmentation.jit_train_step(config, mesh, state, graphdef, tx, lr_fn), (state, batch, None), None
 
 
 BUILDERS = {"pretrain": _pretrain, "finetune": _finetune, "tokenizer": _tokenizer, "segmentation": _segmentation}

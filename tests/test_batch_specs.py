@@ -1,12 +1,14 @@
 """Each mode's batch is described once: the trainer's batch_spec (what compile_for compiles the step for, ahead of
 time) is exactly what that mode's pipeline entry point yields, key for key, shape and dtype, on real data."""
+import inspect
+
 import numpy as np
 import pytest
 
 from beit_jax import configs
 from beit_jax.data import pipelines
 from beit_jax.tokenizers import vqgan
-from beit_jax.train import finetune, pretrain, segmentation, tokenizer
+from beit_jax.train import finetune, linear_probe, pretrain, segmentation, tokenizer
 
 BATCH = 4
 
@@ -58,3 +60,14 @@ def test_trainer_batch_spec_is_what_its_pipeline_yields(mode):
                  "segmentation": _segmentation}[mode]()
   print(mode, _as_spec(batch))
   assert _spec(spec) == _as_spec(batch)
+
+
+@pytest.mark.parametrize("trainer", [pretrain, finetune, tokenizer, segmentation, linear_probe],
+                         ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_every_step_takes_state_batch_frozen(trainer):
+  """One step signature for every mode, `train_step(state, batch, frozen)` (frozen: the tokenizer, the perceptual
+  network, the probed backbone, or None), so compile_for, the benchmark and the loop call them all alike."""
+  params = list(inspect.signature(trainer.train_step).parameters.values())
+  positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+  print(trainer.__name__, positional)
+  assert len(positional) == 3 and positional[:2] == ["state", "batch"], positional

@@ -148,7 +148,7 @@ def test_label_smoothing_applies_without_mixup():
   plain = -logp[np.arange(8), batch["label"]].mean()
   step = finetune.jit_train_step(c, mesh, state, graphdef, tx, lr_fn, 10)
   with jax.set_mesh(mesh):
-    _, out = step(state, batch)
+    _, out = step(state, batch, None)
   print(f"loss {float(out['loss']):.6f}, smoothed CE {smoothed:.6f}, plain CE {plain:.6f}")
   assert abs(float(out["loss"]) - smoothed) < 1e-5 and abs(smoothed - plain) > 1e-3
 

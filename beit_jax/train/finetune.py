@@ -38,9 +38,11 @@ def soft_ce_sums(logits, targets):
                     "correct": (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).sum().astype(jnp.float32)}
 
 
-def train_step(state, batch, *, graphdef, tx, lr_fn, num_classes, mix, seed, smoothing=0.0, micro_steps=1,
-               ema_decay=0.0):
-  """One step; `mix` the mixup/cutmix arguments (None: off), `smoothing` the label smoothing (mixup or not)."""
+def train_step(state, batch, frozen=None, *, graphdef, tx, lr_fn, num_classes, mix, seed, smoothing=0.0,
+               micro_steps=1, ema_decay=0.0):
+  """One step; `mix` the mixup/cutmix arguments (None: off), `smoothing` the label smoothing (mixup or not).
+  Every mode's step is `train_step(state, batch, frozen)`; fine-tuning trains every parameter: frozen is None."""
+  del frozen
   step = state["step"]
   key = jax.random.fold_in(jax.random.key(seed), step)  # a fresh mixup draw per step, the same after a resume
   if mix:
@@ -130,15 +132,16 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, 
 
 
 def jit_train_step(config, mesh, state, graphdef, tx, lr_fn, num_classes: int):
-  """The step jitted with the state's shardings in and out (the state donated) and the batch split over the
-  data axes. `state` may be abstract."""
+  """The step `(state, batch, frozen=None)` jitted with the state's shardings in and out (the state donated)
+  and the batch split over the data axes. `state` may be abstract."""
   state_sh = sharding.shardings_of(state)
   return jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, num_classes=num_classes,
                         mix=mixup_args(config), seed=config.seed, smoothing=float(config.label_smoothing),
                         micro_steps=config.get("grad_accum", 1),
                         ema_decay=float(config.get("ema_decay", 0.0))),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), None),
+      out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
 
@@ -183,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t0 = time.time()
   with jax.set_mesh(mesh):
     state, last = loop.run(
-        config, state, lambda step, s: step_fn(s, next(batches)), start=start, steps=steps, ckpts=ckpts,
+        config, state, lambda step, s: step_fn(s, next(batches), None), start=start, steps=steps, ckpts=ckpts,
         writer=writer, hooks=metrics.step_hooks(config, steps, writer, str(workdir)),
         meta=lambda s: {"step": s, "model_config": cfg.to_dict()}, after_step=curve_point)
   finished = int(jax.device_get(state["step"])) == steps

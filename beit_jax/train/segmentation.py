@@ -39,7 +39,9 @@ from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, seg
 # ---------------------------------------------------------------------------------------------------------------
 # The steps
 # ---------------------------------------------------------------------------------------------------------------
-def train_step(state, batch, *, graphdef, tx, lr_fn, aux_weight, micro_steps=1):
+def train_step(state, batch, frozen=None, *, graphdef, tx, lr_fn, aux_weight, micro_steps=1):
+  """Every mode's step is `train_step(state, batch, frozen)`; the segmenter trains every parameter."""
+  del frozen
   def loss_fn(model, b):
     logits, aux = model(b["image"])
     return segmentation.seg_loss_sums(logits, aux, b["annotation"].astype(jnp.int32), aux_weight=aux_weight)
@@ -124,11 +126,13 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, 
 
 
 def jit_train_step(config, mesh, state, graphdef, tx, lr_fn):
+  """The step `(state, batch, frozen=None)` jitted as finetune.jit_train_step is."""
   state_sh = sharding.shardings_of(state)
   return jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, aux_weight=float(config.aux_weight),
                         micro_steps=config.get("grad_accum", 1)),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), None),
+      out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
 
@@ -216,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t0 = time.time()
   with jax.set_mesh(mesh):
     state, last = loop.run(
-        config, state, lambda step, s: step_fn(s, next(batches)), start=start, steps=steps, ckpts=ckpts,
+        config, state, lambda step, s: step_fn(s, next(batches), None), start=start, steps=steps, ckpts=ckpts,
         writer=writer, hooks=metrics.step_hooks(config, steps, writer, str(workdir)), after_step=after_step,
         meta=lambda s: {"step": s, "model_config": bcfg.to_dict()})
   finished = int(jax.device_get(state["step"])) == steps

@@ -55,7 +55,10 @@ def perceptual_loss(config):
 # ---------------------------------------------------------------------------------------------------------------
 # The step (gan=False before loss.disc_start, gan=True after)
 # ---------------------------------------------------------------------------------------------------------------
-def train_step(state, images, perc_state, *, tok_def, disc_def, perceptual, tx_g, tx_d, lr_fn, loss_cfg, gan):
+def train_step(state, batch, perc_state, *, tok_def, disc_def, perceptual, tx_g, tx_d, lr_fn, loss_cfg, gan):
+  """Every mode's step is `train_step(state, batch, frozen)`: here the frozen part is the perceptual network's
+  state (None without a perceptual loss)."""
+  images = batch["image"]
   tok = nnx.merge(tok_def, state["tok_params"], state["tok_rest"])
   disc = nnx.merge(disc_def, state["disc_params"], state["disc_rest"])
   to_disc = lambda x: 2.0 * x - 1.0  # taming's discriminator sees [-1, 1]
@@ -159,15 +162,14 @@ def create_state(config: ml_collections.ConfigDict, tcfg: vqgan.PecoConfig, mesh
 
 
 def batch_spec(config: ml_collections.ConfigDict, tcfg: vqgan.PecoConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """The global batch of images train_step takes (its `images` argument is batch["image"]), key -> (shape,
-  dtype): what pipelines.tokenizer_train yields."""
+  """The global batch train_step takes, key -> (shape, dtype): what pipelines.tokenizer_train yields."""
   s = tcfg.input_size
   return {"image": ((config.batch_size, s, s, tcfg.channels), jnp.float32)}
 
 
 def jit_train_step(config, mesh, parts: dict[str, Any], perceptual, *, gan: bool):
   """The step (before loss.disc_start: gan=False; from it on: gan=True) jitted with the state's shardings in
-  and out (the state donated), the images split over the data axes and the perceptual network replicated."""
+  and out (the state donated), the batch split over the data axes and the perceptual network replicated."""
   state_sh, rep = sharding.shardings_of(parts["state"]), sharding.replicated(mesh)
   return jax.jit(
       functools.partial(train_step, tok_def=parts["tok_def"], disc_def=parts["disc_def"], perceptual=perceptual,
@@ -235,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # The GAN phase is another compiled step (steps_fn[True]) from loss.disc_start on.
     state, last = loop.run(
         config, state,
-        lambda step, s: steps_fn[step > config.loss.disc_start](s, next(batches)["image"], perc_state),
+        lambda step, s: steps_fn[step > config.loss.disc_start](s, next(batches), perc_state),
         start=start, steps=steps, ckpts=ckpts, writer=writer,
         hooks=metrics.step_hooks(config, steps, writer, str(workdir)),
         meta=lambda s: {"step": s, "tokenizer_config": tcfg.to_dict()}, after_step=periodic_eval)
