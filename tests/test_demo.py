@@ -20,6 +20,34 @@ def test_labelled_subsets_are_disjoint_slices_per_seed():
     miniature.labelled_split(0.5, 2)
 
 
+
+class _Recorder(miniature.Chain):
+  """The chain with each stage's config recorded instead of run (every metric 0): what the stages are asked."""
+
+  def stage(self, name, config):
+    self.configs = {**getattr(self, "configs", {}), name: config}
+    import collections  # pylint: disable=import-outside-toplevel
+    return collections.defaultdict(float)
+
+
+def test_every_arm_is_evaluated_on_the_scales_held_out_split(tmp_path):
+  """The table compares arms: each of its figures must come from the same held-out images (the demo's half of
+  the test split, the full run's whole split), the pixel floor's included."""
+  for scale in miniature.SCALES.values():
+    chain = _Recorder(str(tmp_path / scale.eval_split), scale)
+    model = chain.pretrain("beit", perceptual_from=None)
+    chain.finetune("beit", model, 0.01, 0)
+    chain.finetune("scratch", "", 0.01, 0)
+    chain.probe("random", "", 0)
+    held_out = {name: c.data.eval_split if name.endswith("tokenizer") else c.eval_split
+                for name, c in chain.configs.items()}
+    print(scale.eval_split, held_out)
+    assert len(held_out) == 5 and set(held_out.values()) == {scale.eval_split}, held_out
+  assert miniature.SCALES["full"].eval_split == "test"
+  top1 = miniature.pixel_logistic_regression("train[:600]", 0, eval_split="test[:100]", steps=20)
+  assert top1 * 100 == pytest.approx(round(top1 * 100))  # a share of 100 images: the floor read test[:100]
+
+
 def test_every_scale_runs_configs_that_load():
   for scale in miniature.SCALES.values():
     for name in ("fmnist_tokenizer", "fmnist_pretrain", "fmnist_finetune", "fmnist_linear_probe"):
