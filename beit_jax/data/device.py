@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from beit_jax.data import normalization
+
 
 def batch_sharding(mesh: Mesh, data_axes: Sequence[str] = ("data",)) -> NamedSharding:
   """Leading (batch) axis split over `data_axes` (e.g. ("data", "fsdp")), the rest replicated."""
@@ -66,12 +68,15 @@ def resize_view(images: jax.Array, size: int, method: str = "lanczos3") -> jax.A
 def pretrain_inputs(batch: dict, mean_std, tokenizer_size: Optional[int] = None,
                     tokenizer_resize: str = "lanczos3") -> dict:
   """Pre-training's step inputs, inside the jitted step, from what the host sent: a uint8 "image" (data.uint8)
-  normalised with `mean_std`, a uint8 "tokenizer_image" to [0, 1], or, without one (data.tokenizer_view="device"),
-  the tokenizer view resized to `tokenizer_size` from the model view. A float batch (the default pipeline) passes
-  unchanged, so the step may call this whatever the host sends."""
+  normalised with `mean_std` ((mean, std), or its name in config.data.mean_std: "inception", "imagenet"), a uint8
+  "tokenizer_image" to [0, 1], or, without one (data.tokenizer_view="device"), the tokenizer view resized to
+  `tokenizer_size` from the model view. A float batch (the default pipeline) passes unchanged, so the step may call
+  this whatever the host sends."""
   image = batch["image"]
   if image.dtype != jnp.uint8:
     return batch
+  if isinstance(mean_std, str):
+    mean_std = normalization.mean_std(mean_std)
   out = {**batch, "image": normalize(image, *mean_std)}
   if "tokenizer_image" in batch:
     out["tokenizer_image"] = to_unit(batch["tokenizer_image"])

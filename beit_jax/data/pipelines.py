@@ -43,19 +43,10 @@ import tensorflow_datasets as tfds
 
 from beit_jax.data import augment, masking, sources
 from beit_jax.data import bad_files as _bad_files
+from beit_jax.data.normalization import IMAGENET_DEFAULT, INCEPTION, mean_std  # pylint: disable=unused-import
 from beit_jax.data.sources import SEG_IGNORE, Source
 
-IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # BEiT's default normalisation (and its checkpoints')
-_MEAN_STD = {"inception": INCEPTION, "imagenet": IMAGENET_DEFAULT}
 Example = dict[str, tf.Tensor]
-
-
-def mean_std(name: str):
-  """The (mean, std) a config's `data.mean_std` names."""
-  if name not in _MEAN_STD:
-    raise ValueError(f"config.data.mean_std={name!r}: use one of {sorted(_MEAN_STD)}")
-  return _MEAN_STD[name]
 Box = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]  # (top, left, height, width) int32
 
 
