@@ -26,10 +26,45 @@ from typing import Any, Callable, NamedTuple, Optional
 
 
 class OursStep(NamedTuple):
-  """What an `ours` builder returns: the trainer's jitted step `fn(state, *inputs) -> (state, metrics)`."""
+  """What an `ours` builder returns: the trainer's jitted step `fn(state, batch, frozen) -> (state, metrics)`
+  (every mode's signature; `frozen` the tokenizer, perceptual network or None) and its arguments."""
   fn: Any
   state: Any
-  inputs: tuple
+  batch: Any
+  frozen: Any = None
+
+
+def synthetic_batch(spec: dict, mesh, *, given: Optional[dict] = None, unit: tuple[str, ...] = (),
+                    high: Optional[dict] = None, seed: int = 0) -> dict:
+  """A global batch of the trainer's own `batch_spec` (key -> (shape, dtype)) on `mesh`'s data axes, so the
+  benchmark steps what the trainer steps: floats standard normal (normalised images) or, for the keys in `unit`,
+  uniform in [0, 1) (the tokenizers' views), integers in [0, high[key]), and the arrays in `given` (what needs
+  its own generator, e.g. blockwise masks), each checked against the spec."""
+  import jax
+  import numpy as np
+  from beit_jax.train import sharding
+
+  given, high, rng = dict(given or {}), dict(high or {}), np.random.default_rng(seed)
+  unknown = (set(given) | set(unit) | set(high)) - set(spec)
+  if unknown:
+    raise ValueError(f"keys {sorted(unknown)} are not in the trainer's batch spec {sorted(spec)}")
+  host = {}
+  for key, (shape, dtype) in spec.items():
+    dtype = np.dtype(dtype)
+    if key in given:
+      x = np.asarray(given[key])
+      if x.shape != tuple(shape) or x.dtype != dtype:
+        raise ValueError(f"batch[{key!r}]: {x.shape} {x.dtype}, the trainer's spec says {tuple(shape)} {dtype}")
+    elif np.issubdtype(dtype, np.floating):
+      x = rng.uniform(size=shape) if key in unit else rng.standard_normal(shape)
+    elif np.issubdtype(dtype, np.integer):
+      if key not in high:
+        raise ValueError(f"batch[{key!r}] is {dtype}: say its range (high={{{key!r}: n}}) or give it")
+      x = rng.integers(0, high[key], shape)
+    else:
+      raise ValueError(f"batch[{key!r}] is {dtype}: give it (given={{{key!r}: ...}})")
+    host[key] = x.astype(dtype)
+  return jax.device_put(host, sharding.batch_sharding(mesh))
 
 
 class PeerStep(NamedTuple):
@@ -161,16 +196,16 @@ def run_jax(args, step_name: str, build, batch: int) -> dict:
   if gpu != (args.device == "gpu"):
     raise SystemExit(f"--device={args.device} but JAX runs on {jax.default_backend()}")
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices())
-  step_fn, state, inputs = build(args, batch, mesh)
+  step_fn, state, batch_, frozen = build(args, batch, mesh)
 
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = step_fn.lower(state, *inputs).compile()
+    compiled = step_fn.lower(state, batch_, frozen).compile()
   compile_s = time.perf_counter() - t0
   holder = {"state": state}
 
   def step():
-    holder["state"], out = compiled(holder["state"], *inputs)
+    holder["state"], out = compiled(holder["state"], batch_, frozen)
     # Block on the whole new state, not just the loss: the update would otherwise overlap the next timing.
     jax.block_until_ready((holder["state"], out))
     return out["loss"] if "loss" in out else out["nll"]  # the tokenizer's trainer reports nll, not loss

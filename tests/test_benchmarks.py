@@ -23,3 +23,23 @@ def test_script_starts(script):
   printed_help = out.returncode == 0 or "Try --helpfull" in out.stdout
   assert printed_help and "Traceback" not in out.stderr, (
       f"{script.name} --help exited {out.returncode}:\n{out.stderr[-3000:]}")
+
+
+def test_synthetic_batch_follows_the_trainers_spec_and_names_a_mismatch():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import harness  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  spec = {"image": ((2, 4, 4, 3), np.float32), "label": ((2,), np.int32), "mask": ((2, 2, 2), np.bool_)}
+  mask = np.zeros((2, 2, 2), bool)
+  b = harness.synthetic_batch(spec, mesh, given={"mask": mask}, high={"label": 10})
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == {k: (s, np.dtype(d)) for k, (s, d) in spec.items()}
+  assert 0 <= int(b["label"].min()) and int(b["label"].max()) < 10
+  with pytest.raises(ValueError, match=r"batch\['mask'\].*\(2, 2, 2\) bool"):
+    harness.synthetic_batch(spec, mesh, given={"mask": np.zeros((2, 3, 3), bool)}, high={"label": 10})
+  with pytest.raises(ValueError, match="label"):
+    harness.synthetic_batch(spec, mesh, given={"mask": mask})
+  with pytest.raises(ValueError, match="not in the trainer's batch spec"):
+    harness.synthetic_batch(spec, mesh, given={"mask": mask, "ids": mask}, high={"label": 10})

@@ -19,20 +19,15 @@ def _config(args, batch: int):
 
 
 def ours(args, batch: int, mesh) -> harness.OursStep:
-  import jax
-  import numpy as np
-  from beit_jax.train import finetune, sharding, weights
+  from beit_jax.train import finetune, weights
 
   config = _config(args, batch)
   config.model.overrides.update(dtype=args.dtype, attention_impl=args.attention, remat=args.remat)
   cfg = weights.classifier_config(config, NUM_CLASSES)
   graphdef, state, tx, lr_fn = finetune.create_state(config, cfg, mesh, 100_000)
-  rng = np.random.default_rng(0)
-  size = config.data.image_size
-  host = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
-          "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32)}
   step_fn = finetune.jit_train_step(config, mesh, state, graphdef, tx, lr_fn, cfg.num_classes)
-  return harness.OursStep(step_fn, state, (jax.device_put(host, sharding.batch_sharding(mesh)),))
+  return harness.OursStep(step_fn, state,
+                          harness.synthetic_batch(finetune.batch_spec(config), mesh, high={"label": NUM_CLASSES}))
 
 
 def peer(args, batch: int, t: harness.Torch) -> harness.PeerStep:

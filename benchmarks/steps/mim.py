@@ -25,12 +25,10 @@ def _ours(config, tok, batch: int, mesh) -> harness.OursStep:
   d = config.data
   masks = masking.blockwise_masks(0, np.arange(batch), cfg.grid, d.mask.num_masked, d.mask.min_block,
                                   d.mask.min_aspect)
-  rng = np.random.default_rng(0)
-  host = {"image": rng.standard_normal((batch, d.image_size, d.image_size, 3), np.float32),
-          "tokenizer_image": rng.uniform(size=(batch, d.tokenizer_size, d.tokenizer_size, 3)).astype(np.float32),
-          "mask": masks}
+  host = harness.synthetic_batch(pretrain.batch_spec(config, cfg.grid), mesh, given={"mask": masks},
+                                 unit=("tokenizer_image",))
   step_fn = pretrain.jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, d.mask.num_masked)
-  return harness.OursStep(step_fn, state, (jax.device_put(host, sharding.batch_sharding(mesh)), tok_state))
+  return harness.OursStep(step_fn, state, host, tok_state)
 
 
 def _pretrain_config(args, batch: int):

@@ -32,17 +32,16 @@ def _batch(config, batch: int):
 
 
 def ours(args, batch: int, mesh) -> harness.OursStep:
-  import jax
-  from beit_jax.train import segmentation, sharding
+  from beit_jax.train import segmentation
 
   config = _config(args, batch)
   config.model.overrides.update(dtype=args.dtype, attention_impl=args.attention, remat=args.remat)
   bcfg, seg_cfg = segmentation.model_configs(config, NUM_CLASSES)
   graphdef, state, tx, lr_fn = segmentation.create_state(config, bcfg, seg_cfg, mesh, 100_000)
-  images, labels = _batch(config, batch)
+  _, labels = _batch(config, batch)  # the labels with their unlabelled pixels, as the peer's
   step_fn = segmentation.jit_train_step(config, mesh, state, graphdef, tx, lr_fn)
   return harness.OursStep(step_fn, state,
-                          (jax.device_put({"image": images, "annotation": labels}, sharding.batch_sharding(mesh)),))
+                          harness.synthetic_batch(segmentation.batch_spec(config), mesh, given={"annotation": labels}))
 
 
 def peer(args, batch: int, t: harness.Torch) -> harness.PeerStep:

@@ -19,7 +19,6 @@ def _config(args, batch: int):
 
 def ours(args, batch: int, mesh) -> harness.OursStep:
   import jax
-  import numpy as np
   from beit_jax.tokenizers import vqgan
   from beit_jax.train import sharding, tokenizer
 
@@ -30,11 +29,10 @@ def ours(args, batch: int, mesh) -> harness.OursStep:
   tcfg = vqgan.get_config(config.tokenizer.name, **config.tokenizer.overrides)
   perceptual = tokenizer.perceptual_loss(config)
   parts = tokenizer.create_state(config, tcfg, mesh, 100_000)
-  images = np.random.default_rng(0).uniform(size=(batch, tcfg.input_size, tcfg.input_size, tcfg.channels))
   step_fn = tokenizer.jit_train_step(config, mesh, parts, perceptual, gan=False)
   perc_state = jax.device_put(perceptual.state, sharding.replicated(mesh))
-  return harness.OursStep(step_fn, parts["state"],
-                          (jax.device_put(images.astype(np.float32), sharding.batch_sharding(mesh)), perc_state))
+  images = harness.synthetic_batch(tokenizer.batch_spec(config, tcfg), mesh, unit=("image",))  # in [0, 1]
+  return harness.OursStep(step_fn, parts["state"], images, perc_state)
 
 
 def _features(torch, model, layers):
