@@ -111,31 +111,32 @@ def test_every_bad_file_is_counted_and_named(bad_folder):
     assert not b["image"][~b["valid"]].any()  # bad rows are blank, as padding rows
 
 
-def test_bad_files_hook_writes_when_the_count_changes():
-  from beit_jax.data import bad_files  # pylint: disable=import-outside-toplevel
-
-  class Writer:
-    def __init__(self):
-      self.scalars = []
-
-    def write_scalars(self, step, scalars):
-      self.scalars.append((step, dict(scalars)))
-
-  record, writer = bad_files.BadFiles(keep=1), Writer()
-  hook = record.hook(writer)
-  hook(1)
-  record.add(["/x/a.jpg"])
-  hook(2)
-  hook(3)
-  record.add(["/x/a.jpg", "/x/b.jpg"])  # a is met again (next epoch): a row, not a new file
-  hook(4)
-  assert writer.scalars == [(2, {"data/bad_files": 1.0, "data/bad_rows": 1.0}),
-                            (4, {"data/bad_files": 2.0, "data/bad_rows": 3.0})]
-  assert record.first == ["/x/a.jpg"] and record.names == ["/x/a.jpg", "/x/b.jpg"]
-
-
 def test_bad_files_module_does_not_import_tensorflow():
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   subprocess.run([sys.executable, "-c", "import sys, beit_jax.data.bad_files; "
                                         "assert 'tensorflow' not in sys.modules"], check=True)
+
+
+def test_a_training_run_reports_its_bad_files(bad_folder, tmp_path, caplog):
+  """What a user sees: a fine-tuning run over the folder names the bad files in its log and carries their count in
+  its logged metrics (console line, TensorBoard, the run's last metrics), and ends with the tally."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from beit_jax import configs  # pylint: disable=import-outside-toplevel
+  from beit_jax.data import bad_files  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import finetune  # pylint: disable=import-outside-toplevel
+  c = configs.finetune()
+  c.model.name, c.model.overrides = "beit_test_tiny", {"drop_path_rate": 0.0}
+  c.data.source, c.data.split, c.data.image_size, c.data.crop_pct = f"folder:{bad_folder}", "train", 32, 1.0
+  c.data.augment = {"crop_scale": (1.0, 1.0), "rand_augment": None, "erase_prob": 0.0}
+  c.mixup, c.eval_split, c.batch_size = None, "", 8
+  c.total_steps, c.log_every, c.ckpt_every, c.optim.warmup_steps = 4, 4, 4, 1
+  bad_files.SEEN.__init__()  # this process's record, as a fresh run starts with it
+  with caplog.at_level(logging.WARNING):
+    out = finetune.train_and_evaluate(c, str(tmp_path / "run"))
+  print(out["metrics"])
+  # 4 steps of 8 are the epoch; the pipeline reads ahead into the next one, whose bad files are rows, not files.
+  assert out["metrics"]["data/bad_files"] == len(BAD) and out["metrics"]["data/bad_rows"] >= len(BAD)
+  named = {m.rsplit("/", 1)[-1] for m in caplog.messages if m.startswith("undecodable file skipped")}
+  assert named == set(BAD), caplog.messages
+  assert any(m.startswith(f"{len(BAD)} undecodable files skipped") for m in caplog.messages)

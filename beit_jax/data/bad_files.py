@@ -4,11 +4,9 @@ training loops import this.
 The pipelines (data/pipelines.py) add every file that failed to decode as they yield the batch that held it: a
 training batch's row of a bad file holds a copy of another row of the same batch, an evaluation batch's row is
 marked invalid. The first `keep` distinct files are logged by name (a warning each) as they are met, then one line
-at every power of two of the distinct count; `metrics()` is what a training loop writes, and `hook(writer)` makes
-the per-step hook that writes it whenever it changed:
-
-  from beit_jax.data import bad_files
-  loop.run(..., hooks=metrics.step_hooks(...) + [bad_files.SEEN.hook(writer)])
+at every power of two of the distinct count; `metrics()` (data/bad_files, data/bad_rows) is what train/loop.py
+adds to every logged interval's metrics (console line, TensorBoard, the run's last metrics) once the process's
+record `SEEN` holds a file, and the loop logs `summary()` when the run ends.
 
 Counts are this process's (each host reads its own shard) and start at 0 when the process starts (a resumed run
 counts again what it meets from the resume on). A file met again in a later epoch is one file, another row.
@@ -17,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Iterable
+from typing import Iterable
 
 
 class BadFiles:
@@ -65,17 +63,6 @@ class BadFiles:
     more = f" and {self.count - self.keep} more" if self.count > self.keep else ""
     return (f"{self.count} undecodable files skipped so far ({self.rows} batch rows): "
             f"{', '.join(self.first)}{more}")
-
-  def hook(self, writer) -> Callable[[int], None]:
-    """A per-step hook (train/loop.run's `hooks`): writes `metrics()` at the step when they changed."""
-    last = [None]
-
-    def write(step: int) -> None:
-      now = self.metrics()
-      if now != last[0] and self.count:
-        writer.write_scalars(step, now)
-      last[0] = now
-    return write
 
 
 SEEN = BadFiles()  # what every pipeline of this process adds to unless it is given its own record

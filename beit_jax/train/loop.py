@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Mapping, Optional
 
+from beit_jax.data import bad_files
 from beit_jax.train import checkpoints, console, metrics, preemption
 
 
@@ -43,6 +44,8 @@ def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, st
         if step % config.log_every == 0 or step == steps or stop:
           metrics.check_finite(state, ckpts.latest_step())
           last = metrics.mean_of(history)
+          if bad_files.SEEN.count:  # undecodable files the pipelines met (each named in the log once, as met)
+            last.update(bad_files.SEEN.metrics())
           history = []
           writer.write_scalars(step, last)
           logging.info("%s", progress.line(step, last))
@@ -56,4 +59,6 @@ def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, st
     finally:
       ckpts.close()
       writer.flush()
+      if bad_files.SEEN.count:  # named one by one as they were met; the tally once more at the end
+        logging.warning("%s", bad_files.SEEN.summary())
   return state, last
