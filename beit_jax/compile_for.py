@@ -112,6 +112,7 @@ def _pretrain(config, mesh, notes):
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from beit_jax.models import flops  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from beit_jax.train import pretrain, sharding  # pylint: disable=import-outside-toplevel
   tok = _abstract_tokenizer(config, notes)
   cfg = pretrain.model_config(config, tok.vocab_size)
@@ -126,7 +127,9 @@ def _pretrain(config, mesh, notes):
   # same compiler's count is the one that can be subtracted from the step's).
   encode = jax.jit(lambda s, x: nnx.merge(tok_graphdef, s).encode(x))
   with jax.set_mesh(mesh):
-    tok_flops = _flops(encode.lower(tok_state, batch["tokenizer_image"]).compile())
+    # The tokenizer's input as the step makes it (float, from a uint8 or a device-made view alike).
+    view = _batch(mesh, {"v": ((b, d.tokenizer_size, d.tokenizer_size, 3), jnp.float32)})["v"]
+    tok_flops = _flops(encode.lower(tok_state, view).compile())
   model_flops = flops.train_flops(cfg, b, num_predict=d.mask.num_masked) + tok_flops * len(mesh.devices.flat)
   return step, (state, batch, tok_state), model_flops
 

@@ -38,8 +38,8 @@ def synthetic_batch(spec: dict, mesh, *, given: Optional[dict] = None, unit: tup
                     high: Optional[dict] = None, seed: int = 0) -> dict:
   """A global batch of the trainer's own `batch_spec` (key -> (shape, dtype)) on `mesh`'s data axes, so the
   benchmark steps what the trainer steps: floats standard normal (normalised images) or, for the keys in `unit`,
-  uniform in [0, 1) (the tokenizers' views), integers in [0, high[key]), and the arrays in `given` (what needs
-  its own generator, e.g. blockwise masks), each checked against the spec."""
+  uniform in [0, 1) (the tokenizers' views), uint8 pixels in [0, 255], integers in [0, high[key]), and the arrays
+  in `given` (what needs its own generator, e.g. blockwise masks), each checked against the spec."""
   import jax
   import numpy as np
   from beit_jax.train import sharding
@@ -57,6 +57,8 @@ def synthetic_batch(spec: dict, mesh, *, given: Optional[dict] = None, unit: tup
         raise ValueError(f"batch[{key!r}]: {x.shape} {x.dtype}, the trainer's spec says {tuple(shape)} {dtype}")
     elif np.issubdtype(dtype, np.floating):
       x = rng.uniform(size=shape) if key in unit else rng.standard_normal(shape)
+    elif dtype == np.uint8 and key not in high:  # uint8 views (data.uint8): pixels
+      x = rng.integers(0, 256, shape)
     elif np.issubdtype(dtype, np.integer):
       if key not in high:
         raise ValueError(f"batch[{key!r}] is {dtype}: say its range (high={{{key!r}: n}}) or give it")

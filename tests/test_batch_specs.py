@@ -26,8 +26,9 @@ def _spec(spec: dict) -> dict:
   return {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
 
 
-def _pretrain():
+def _pretrain(uint8=False, tokenizer_view="host"):
   c = configs.load("fmnist_pretrain")
+  c.data.uint8, c.data.tokenizer_view = uint8, tokenizer_view
   grid = pretrain.model_config(c, vocab_size=128).grid
   batch = _first(c, lambda c: pipelines.pretrain_train(c.data, c.data.split, host_batch=BATCH, seed=0,
                                                        masks=pipelines.mask_spec(c.data, grid)))
@@ -54,10 +55,12 @@ def _segmentation():
   return segmentation.batch_spec(c), batch
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "finetune", "tokenizer", "segmentation"])
+@pytest.mark.parametrize("mode", ["pretrain", "pretrain_uint8", "pretrain_device_view", "finetune", "tokenizer",
+                                  "segmentation"])
 def test_trainer_batch_spec_is_what_its_pipeline_yields(mode):
-  spec, batch = {"pretrain": _pretrain, "finetune": _finetune, "tokenizer": _tokenizer,
-                 "segmentation": _segmentation}[mode]()
+  spec, batch = {"pretrain": _pretrain, "pretrain_uint8": lambda: _pretrain(uint8=True),
+                 "pretrain_device_view": lambda: _pretrain(uint8=True, tokenizer_view="device"),
+                 "finetune": _finetune, "tokenizer": _tokenizer, "segmentation": _segmentation}[mode]()
   print(mode, _as_spec(batch))
   assert _spec(spec) == _as_spec(batch)
 

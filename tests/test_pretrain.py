@@ -40,6 +40,28 @@ def test_sharded_equals_single_device(tmp_path, tokenizer_file):
   assert per_dev < 0.6 * total
 
 
+
+def _views_run(tokenizer_file, workdir, **data):
+  c = tiny_config(tokenizer_file, mesh={"data": 1}, num_devices=1)
+  for k, v in data.items():
+    c.data[k] = v
+  return pretrain.train_and_evaluate(c, workdir)
+
+
+def test_uint8_views_normalised_on_device_train_as_the_float_ones(tmp_path, tokenizer_file):
+  """data.uint8 (the default): the views leave the host as uint8 and the step normalises them; the float path
+  (uint8=False) differs only by the host's rounding to uint8 (<= 0.5/255 per pixel), so 4 steps end at nearly
+  the same loss and parameters; tokenizer_view="device" (the tokenizer view resized in the step) trains too."""
+  f32 = _views_run(tokenizer_file, tmp_path / "float", uint8=False)
+  u8 = _views_run(tokenizer_file, tmp_path / "uint8", uint8=True)
+  dev = _views_run(tokenizer_file, tmp_path / "device", uint8=True, tokenizer_view="device")
+  losses = {k: r["metrics"]["loss"] for k, r in {"float": f32, "uint8": u8, "device view": dev}.items()}
+  diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), params_np(f32), params_np(u8))))
+  print(losses, f"params float vs uint8: max abs diff {diff:.2e}")
+  assert abs(losses["float"] - losses["uint8"]) < 2e-3 and diff < 1e-3
+  assert np.isfinite(losses["device view"]) and abs(losses["device view"] - losses["float"]) < 0.5
+
+
 _RUN = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"

@@ -23,6 +23,7 @@ def get_config(tokenizer_checkpoint: str = ""):
   c.data.tokenizer_resize = "bicubic"
   c.data.color_jitter = 0.0  # grey images
   c.data.crop_scale = (0.5, 1.0)
+  c.data.uint8 = False  # on CPU the device is the host: no transfer for uint8 to save (the recorded runs: float)
   # 40% of 49 patches in blocks of >= 4 (BEiT: 75 of 196 in blocks of >= 16)
   c.data.mask = {"num_masked": 20, "min_block": 4, "min_aspect": 0.3, "kind": "blockwise"}
   # Batches of 64: per image seen, twice the updates of 128 and a faster step on CPU (51,200 images: masked-token

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from beit_jax import model_files, models, tokenizers
+from beit_jax.data import device  # no TensorFlow: the views' uint8 -> float on the device
 from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, sharding
 
 # What every pre-training model is, whatever the named variant (beit/modeling_pretrain.py).
@@ -40,7 +41,12 @@ def mim_sums(logits, targets, weights):
   return (ce * weights).sum(), {"correct": correct, "count": weights.sum()}
 
 
-def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, num_predict, micro_steps=1):
+def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, num_predict, micro_steps=1,
+               views=None):
+  """`views(batch)` (views_of(config); None: float views as they are): the host's views as the model and the
+  tokenizer take them (data.uint8: normalised here, on the device; data.tokenizer_view="device": the tokenizer
+  view resized here from the model view)."""
+  batch = views(batch) if views is not None else batch
   tok = nnx.merge(tok_graphdef, tok_state)
   ids = jax.lax.stop_gradient(tok.encode(batch["tokenizer_image"]))
   batch = {"image": batch["image"], "mask": batch["mask"], "ids": ids.reshape(ids.shape[0], -1)}
@@ -70,13 +76,15 @@ def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, nu
   return new_state, out
 
 
-def eval_step(state, batch, tok_state, *, graphdef, tok_graphdef, num_predict, vocab_size):
+def eval_step(state, batch, tok_state, *, graphdef, tok_graphdef, num_predict, vocab_size,
+              views=None):
   """Held-out sums: correct masked predictions, masked count, and the target histograms overall and per patch
   position (for the baselines of always predicting the most frequent token, overall or at that position: on
   Fashion-MNIST the background token dominates the borders). Both baselines read the held-out histograms
   themselves, so they are the best any constant predictor could do there: upper bounds of the trivial ones.
   The same sums restricted to masked patches that are not background (metrics.background_patches of the
   tokenizer view) say how much of the accuracy is more than "black stays black"."""
+  batch = views(batch) if views is not None else batch
   tok = nnx.merge(tok_graphdef, tok_state)
   ids = tok.encode(batch["tokenizer_image"]).reshape(batch["mask"].shape[0], -1)
   model = nnx.merge(graphdef, state["params"], state["rest"])
@@ -139,11 +147,23 @@ def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh
 
 def batch_spec(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], Any]]:
   """The global batch train_step takes, key -> (shape, dtype): what pipelines.pretrain_train yields (its
-  KEYS["pretrain_train"]) and what compile_for compiles the step for."""
+  KEYS["pretrain_train"]) and what compile_for compiles the step for. data.uint8: the views leave the host as
+  uint8 (4x less to transfer); data.tokenizer_view="device": no tokenizer view from the host at all."""
   d, b = config.data, config.batch_size
-  return {"image": ((b, d.image_size, d.image_size, 3), jnp.float32),
-          "tokenizer_image": ((b, d.tokenizer_size, d.tokenizer_size, 3), jnp.float32),
+  dtype = jnp.uint8 if d.get("uint8", False) else jnp.float32
+  spec = {"image": ((b, d.image_size, d.image_size, 3), dtype),
+          "tokenizer_image": ((b, d.tokenizer_size, d.tokenizer_size, 3), dtype),
           "mask": ((b, *grid), jnp.bool_)}
+  if d.get("tokenizer_view", "host") == "device":
+    del spec["tokenizer_image"]
+  return spec
+
+
+def views_of(config: ml_collections.ConfigDict):
+  """The step's `views`: device.pretrain_inputs with the config's normalisation and tokenizer view."""
+  d = config.data
+  return functools.partial(device.pretrain_inputs, mean_std=d.mean_std, tokenizer_size=d.tokenizer_size,
+                           tokenizer_resize=d.tokenizer_resize)
 
 
 def jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, num_predict: int):
@@ -152,7 +172,8 @@ def jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, num_p
   state_sh, rep = sharding.shardings_of(state), sharding.replicated(mesh)
   return jax.jit(
       functools.partial(train_step, graphdef=graphdef, tok_graphdef=tok_graphdef, tx=tx, lr_fn=lr_fn,
-                        num_predict=num_predict, micro_steps=config.get("grad_accum", 1)),
+                        num_predict=num_predict, micro_steps=config.get("grad_accum", 1),
+                        views=views_of(config)),
       in_shardings=(state_sh, sharding.batch_sharding(mesh), rep), out_shardings=(state_sh, rep),
       donate_argnums=(0,))
 
@@ -161,7 +182,7 @@ def jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, num_p
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
   mesh = runs.make_mesh(config)
@@ -209,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model_files.save_model(model_dir, nnx.merge(graphdef, state["params"], state["rest"]), step=steps)
   if config.get("eval_split") and finished:
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, tok_graphdef=tok_graphdef,
-                                        num_predict=mask_spec.num_masked, vocab_size=cfg.vocab_size),
+                                        num_predict=mask_spec.num_masked, vocab_size=cfg.vocab_size,
+                                        views=views_of(config)),
                       in_shardings=(state_sh, batch_sh, rep), out_shardings=rep)
     it = pipelines.pretrain_eval(d, config.eval_split, host_batch=host_batch, seed=config.seed, shard=shard,
                                  masks=mask_spec)
