@@ -1,5 +1,6 @@
 """The `make demo` chain's own parts (the loops it runs have their own tests): labelled subsets, the config
 files it edits, and the pixel floor."""
+import collections
 import json
 import os
 import subprocess
@@ -24,9 +25,12 @@ def test_labelled_subsets_are_disjoint_slices_per_seed():
 class _Recorder(miniature.Chain):
   """The chain with each stage's config recorded instead of run (every metric 0): what the stages are asked."""
 
+  def __init__(self, workdir, scale):
+    super().__init__(workdir, scale)
+    self.configs = {}
+
   def stage(self, name, config):
-    self.configs = {**getattr(self, "configs", {}), name: config}
-    import collections  # pylint: disable=import-outside-toplevel
+    self.configs[name] = config
     return collections.defaultdict(float)
 
 

@@ -142,7 +142,8 @@ def test_ade20k_folder_and_tfds_sources(tmp_path):
   anns = _ade20k_folder(tmp_path / "ADEChallengeData2016")
   src = sources.get_seg_source(f"ade20k:{tmp_path / 'ADEChallengeData2016'}", "validation")
   assert src.num_classes == 150 and src.num_examples == 3 and src.reduce_zero_label
-  got = [ex["annotation"] for ex in pipelines.decoded(src.read(), True, reduce_zero_label=True).as_numpy_iterator()]
+  got = [ex["annotation"] for ex in
+         pipelines.decode_stage(src.read(), True, reduce_zero_label=True).as_numpy_iterator()]
   for want, have in zip(anns, got):
     np.testing.assert_array_equal(have, np.where(want == 0, 255, want.astype(np.int32) - 1))
   transform = pipelines.seg_eval_transform(crop_size=64, scale=(256, 64))

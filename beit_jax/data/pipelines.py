@@ -220,24 +220,6 @@ def decode_stage(ds: tf.data.Dataset, encoded: bool, channels: int = 3, reduce_z
   return ds.interleave(guarded, block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _count_bad(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """"skipped": the running count of undecodable examples so far in `ds` (this host's epoch)."""
-  def count(n, ex):
-    n = n + tf.cast(~ex["ok"], tf.int32)
-    return n, {**ex, "skipped": n}
-  return ds.scan(tf.constant(0, tf.int32), count)
-
-
-def decoded(ds: tf.data.Dataset, encoded: bool, channels: int = 3,
-            reduce_zero_label: bool = False) -> tf.data.Dataset:
-  """The examples that decode, with a float32 [0, 1] image (segmentation: and a uint8 "annotation") and
-  "skipped", the running count of those that did not (see decode_stage)."""
-  ds = _count_bad(decode_stage(ds, encoded, channels, reduce_zero_label)).filter(lambda ex: ex["ok"])
-  return ds.map(lambda ex: {**{k: v for k, v in ex.items() if k != "ok"},
-                            "image": augment.to_float(ex["image"], channels)},
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
 def _replace_bad_rows(batch: Example) -> Example:
   """A training batch whose rows of undecodable files ("ok" False) hold copies of its good rows, taken in turn
   (the first bad row gets the first good row, ...): the batch keeps its size and its place in the epoch. "bad"
@@ -459,7 +441,7 @@ def _decoded_and_transformed(raw: tf.data.Dataset, source: Source, transform: Tr
 def train_batches(source: Source, transform: Transform, *, host_batch: int, seed: int, start_step: int = 0,
                   shard: Shard = Shard(), masks: Optional[MaskSpec] = None, channels: int = 3,
                   prefetch: int = 2, threads: Optional[int] = None, ram_budget_mb: Optional[int] = None,
-                  bad_files: Optional[bad_files.BadFiles] = None) -> Iterator[dict[str, np.ndarray]]:
+                  bad_files: Optional[_bad_files.BadFiles] = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless host-local training batches from `start_step` on (see the module docstring). `bad_files`: the
   record undecodable files are added to (default: bad_files.SEEN, this process's)."""
   record = bad_files if bad_files is not None else _bad_files.SEEN
@@ -638,7 +620,7 @@ def _only(mode: str, batches: Iterator[dict[str, np.ndarray]], data: Optional[Da
           ) -> Iterator[dict[str, np.ndarray]]:
   """KEYS[mode] of each batch; pre-training's without "tokenizer_image" when data.tokenizer_view is "device"."""
   keys = KEYS[mode]
-  if data is not None and data.get("tokenizer_view", "host") == "device":
+  if data is not None and _views(data)["tokenizer_view"] == "device":
     keys = tuple(k for k in keys if k != "tokenizer_image")
   return ({k: b[k] for k in keys} for b in batches)
 

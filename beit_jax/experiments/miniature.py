@@ -298,8 +298,8 @@ def table(results: dict[str, dict[str, Any]], scale_name: str) -> str:
   probes = {label: _cell(results, [f"{short}_probe_seed{s}" for s in scale.probe_seeds])
             for label, short in PROBE_ARMS.items()}
   steps = ", ".join(f"{f:.0%}: {n}" for f, n in scale.finetune_steps.items())
-  lines = [f"Fashion-MNIST held-out top-1 (%) on {scale.eval_split}, {len(scale.seeds)} seed(s), mean ± std over seeds; scale "
-           f"{scale_name}; fine-tuning steps of {configs.load('fmnist_finetune').batch_size} ({steps}), "
+  lines = [f"Fashion-MNIST held-out top-1 (%) on {scale.eval_split}, {len(scale.seeds)} seed(s), mean ± std "
+           f"over seeds; scale {scale_name}; fine-tuning steps of {configs.load('fmnist_finetune').batch_size} ({steps}), "
            f"compute-matched: + {matched_steps(scale)}", "",
            "| arm | " + " | ".join(f"{f:.0%} labels" for f in fractions)
            + f" | linear probe ({'all labels' if scale.probe_split == 'train' else scale.probe_split}) |",
