@@ -35,8 +35,10 @@ def _pretrain(uint8=False, tokenizer_view="host"):
   return pretrain.batch_spec(c, grid), batch
 
 
-def _finetune():
+def _finetune(uint8=False):
   c = configs.load("fmnist_finetune")
+  c.data.uint8 = uint8
+  c.data.augment.erase_prob = 0.25  # with uint8: random erasing's rectangles go with the images
   batch = _first(c, lambda c: pipelines.classification_train(c.data, c.data.split, host_batch=BATCH, seed=0))
   return finetune.batch_spec(c), batch
 
@@ -55,12 +57,12 @@ def _segmentation():
   return segmentation.batch_spec(c), batch
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "pretrain_uint8", "pretrain_device_view", "finetune", "tokenizer",
-                                  "segmentation"])
+@pytest.mark.parametrize("mode", ["pretrain", "pretrain_uint8", "pretrain_device_view", "finetune", "finetune_uint8",
+                                  "tokenizer", "segmentation"])
 def test_trainer_batch_spec_is_what_its_pipeline_yields(mode):
   spec, batch = {"pretrain": _pretrain, "pretrain_uint8": lambda: _pretrain(uint8=True),
                  "pretrain_device_view": lambda: _pretrain(uint8=True, tokenizer_view="device"),
-                 "finetune": _finetune, "tokenizer": _tokenizer, "segmentation": _segmentation}[mode]()
+                 "finetune": _finetune, "finetune_uint8": lambda: _finetune(uint8=True), "tokenizer": _tokenizer, "segmentation": _segmentation}[mode]()
   print(mode, _as_spec(batch))
   assert _spec(spec) == _as_spec(batch)
 

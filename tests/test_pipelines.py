@@ -520,6 +520,38 @@ def test_pretrain_entry_points_read_uint8_and_tokenizer_view(fmnist_train):
   assert tuple(b) == ("image", "mask", "valid") and b["image"].dtype == np.uint8
 
 
+def test_uint8_finetune_batches_normalised_and_erased_on_device_equal_the_float_path(jpeg_folder):
+  """Fine-tuning batches with uint8=True (crop, flip, RandAugment on the host, rounded to uint8; random erasing
+  as its rectangle) through device.classification_inputs inside jit: outside the erased rectangle, the float
+  pipeline's pixels within 0.5 / 255 / std; the rectangle is exactly where the float path wrote its noise (the
+  float image with erasing vs without), and holds N(0, 1) noise of the device's draw (mean and std within 0.1
+  over every erased pixel). Labels, indices, and the float batches of erase_prob 0 are unchanged."""
+  src = sources.get_source(f"folder:{jpeg_folder}", "train")
+  make = lambda **kw: take(pipelines.train_batches(
+      src, pipelines.finetune_transform(seed=5, image_size=64, rand_augment=(2, 9.0, 0.5), **kw), host_batch=8,
+      seed=5), 3)
+  erased, plain, u8 = make(erase_prob=1.0), make(erase_prob=0.0), make(erase_prob=1.0, uint8=True)
+  inputs = jax.jit(lambda b, key: device.classification_inputs(b, key, pipelines.INCEPTION))
+  noise = []
+  for step, (f, p, u) in enumerate(zip(erased, plain, u8)):
+    assert u["image"].dtype == np.uint8 and u["erase"].shape == (8, 4) and u["erase"].dtype == np.int32
+    for k in ("label", "index"):
+      np.testing.assert_array_equal(f[k], u[k])
+    got = np.asarray(inputs({"image": u["image"], "erase": u["erase"]}, jax.random.key(step))["image"])
+    box = np.stack([augment.box_mask(64, 64, b).numpy() for b in u["erase"]])  # [B, 64, 64]
+    assert box.any(axis=(1, 2)).sum() >= 6, u["erase"]  # prob 1: erased unless no try of ten fits
+    np.testing.assert_array_equal(box, np.any(f["image"] != p["image"], axis=-1))
+    np.testing.assert_allclose(got[~box], f["image"][~box], rtol=0, atol=0.5 / 255 / 0.5 + 1e-6)
+    noise.append(got[box].ravel())
+  noise = np.concatenate(noise)
+  print(f"erased pixels on device: {noise.size}, mean {noise.mean():.3f}, std {noise.std():.3f}")
+  assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
+  f = next(iter(plain))
+  assert device.classification_inputs(f, None, pipelines.INCEPTION) is f  # float batches pass unchanged
+  with pytest.raises(ValueError, match="pass a key"):
+    device.classification_inputs(u8[0], None, pipelines.INCEPTION)
+
+
 def test_tf_data_options_from_the_config():
   """config.data.threads and config.data.ram_budget_mb (optional) reach tf.data; order stays deterministic."""
   import ml_collections  # pylint: disable=import-outside-toplevel

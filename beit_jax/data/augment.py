@@ -263,9 +263,10 @@ def rand_augment(image, seed: Seed, num_ops: int = 2, magnitude: float = 9.0, ma
   return image
 
 
-def random_erasing(image, seed: Seed, prob: float = 0.25, area=(0.02, 1 / 3), min_aspect: float = 0.3):
-  """timm RandomErasing(mode="pixel", max_count=1) on a normalised image: one rectangle of N(0, 1) noise."""
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
+def erasing_box(height, width, seed: Seed, prob: float = 0.25, area=(0.02, 1 / 3), min_aspect: float = 0.3):
+  """timm RandomErasing(max_count=1)'s rectangle for an image of height x width: int32 (top, left, rows, cols),
+  rows = cols = 0 when this example is not erased (probability 1 - `prob`, or no try of ten fits)."""
+  h, w = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
   s = split(seed, 6)
   total = tf.cast(h * w, tf.float32)
   target = total * _uniform(s[0], (10,), area[0], area[1])
@@ -277,12 +278,23 @@ def random_erasing(image, seed: Seed, prob: float = 0.25, area=(0.02, 1 / 3), mi
   eh, ew = eh[first], ew[first]
   top = tf.cast(_uniform(s[2]) * tf.cast(h - eh + 1, tf.float32), tf.int32)
   left = tf.cast(_uniform(s[3]) * tf.cast(w - ew + 1, tf.float32), tf.int32)
-  rows = tf.range(h)[:, None, None]
-  cols = tf.range(w)[None, :, None]
-  inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-  noise = tf.random.stateless_normal(tf.shape(image), s[4])
   apply = (_uniform(s[5]) < prob) & tf.reduce_any(ok)
-  return tf.where(apply & inside, noise, image)
+  return tf.where(apply, tf.stack([top, left, eh, ew]), tf.zeros([4], tf.int32))
+
+
+def random_erasing(image, seed: Seed, prob: float = 0.25, area=(0.02, 1 / 3), min_aspect: float = 0.3):
+  """timm RandomErasing(mode="pixel", max_count=1) on a normalised image: one rectangle (erasing_box) of N(0, 1)
+  noise."""
+  box = erasing_box(tf.shape(image)[0], tf.shape(image)[1], seed, prob, area, min_aspect)
+  noise = tf.random.stateless_normal(tf.shape(image), split(seed, 6)[4])
+  return tf.where(box_mask(tf.shape(image)[0], tf.shape(image)[1], box)[..., None], noise, image)
+
+
+def box_mask(height, width, box):
+  """[height, width] bool: inside the rectangle box = (top, left, rows, cols)."""
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  return (rows >= box[0]) & (rows < box[0] + box[2]) & (cols >= box[1]) & (cols < box[1] + box[3])
 
 
 # -- segmentation: the image and its annotation together (mmseg's ADE20K pipeline) ---------------------------------

@@ -85,3 +85,34 @@ def pretrain_inputs(batch: dict, mean_std, tokenizer_size: Optional[int] = None,
       raise ValueError("the batch has no tokenizer view (data.tokenizer_view='device'): pass tokenizer_size")
     out["tokenizer_image"] = resize_view(image, tokenizer_size, tokenizer_resize)
   return out
+
+
+def erase(images: jax.Array, boxes: jax.Array, key: jax.Array) -> jax.Array:
+  """Random erasing's fill on the device: each image's rectangle boxes[i] = (top, left, rows, cols) (rows = 0: none)
+  replaced by N(0, 1) noise, in the normalised image (timm RandomErasing(mode="pixel"))."""
+  _, h, w, _ = images.shape
+  rows = jnp.arange(h)[None, :, None]
+  cols = jnp.arange(w)[None, None, :]
+  top, left, nr, nc = (boxes[:, i, None, None] for i in range(4))
+  inside = (rows >= top) & (rows < top + nr) & (cols >= left) & (cols < left + nc)
+  noise = jax.random.normal(key, images.shape, images.dtype)
+  return jnp.where(inside[..., None], noise, images)
+
+
+def classification_inputs(batch: dict, key: Optional[jax.Array], mean_std) -> dict:
+  """Fine-tuning's (and the linear probe's) step inputs, inside the jitted step, from what the host sent: a uint8
+  "image" (data.uint8) normalised with `mean_std` ((mean, std) or its name), and random erasing's "erase"
+  rectangles filled with noise drawn from `key` (the step's: a fresh draw per step, the same after a resume). A
+  float batch (the default pipeline) passes unchanged."""
+  image = batch["image"]
+  if image.dtype != jnp.uint8:
+    return batch
+  if isinstance(mean_std, str):
+    mean_std = normalization.mean_std(mean_std)
+  out = {k: v for k, v in batch.items() if k != "erase"}
+  out["image"] = normalize(image, *mean_std)
+  if "erase" in batch:
+    if key is None:
+      raise ValueError("the batch has random erasing's rectangles (data.uint8 with erase_prob > 0): pass a key")
+    out["image"] = erase(out["image"], batch["erase"], key)
+  return out

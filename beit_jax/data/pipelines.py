@@ -358,15 +358,26 @@ def mim_eval_transform(*, image_size: int, tokenizer_size: int, tokenizer_resize
 
 def finetune_transform(*, seed: int, image_size: int = 224,
                        rand_augment: Optional[tuple[int, float, float]] = (2, 9.0, 0.5),
-                       erase_prob: float = 0.25, mean_std=INCEPTION, scale=(0.08, 1.0)) -> Cropped:
+                       erase_prob: float = 0.25, mean_std=INCEPTION, scale=(0.08, 1.0), uint8: bool = False) -> Cropped:
   """BEiT fine-tuning (timm create_transform): random-resized crop (a JPEG decodes only the box, see Cropped),
   flip, RandAugment (num_ops, magnitude, magnitude_std), normalise, random erasing; in timm's order. Mixup/CutMix
-  run on device (mixup.py)."""
+  run on device (mixup.py).
+
+  `uint8`: the image leaves the host as uint8 in [0, 255] before normalisation (4x less to transfer and hold),
+  and random erasing, which writes N(0, 1) noise in the *normalised* image (values no uint8 pixel holds), leaves
+  as its rectangle: "erase" int32 (top, left, rows, cols), rows = 0 for an image not erased. The step normalises
+  and fills the rectangle on the device (device.classification_inputs): the same boxes as the float path, the
+  same pixels within the rounding (0.5 / 255 / std), noise of the same distribution from the device's own draw."""
   def fn(ex, epoch):
     s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 4)
     image = augment.random_flip(augment.resize(ex["image"], image_size, "bicubic"), s[1])
     if rand_augment:
       image = augment.rand_augment(image, s[2], *rand_augment)
+    if uint8:
+      out = {"image": _to_uint8(image)}
+      if erase_prob > 0:
+        out["erase"] = augment.erasing_box(image_size, image_size, s[3], erase_prob)
+      return {**ex, **out}
     image = augment.normalize(image, *mean_std)
     if erase_prob > 0:
       image = augment.random_erasing(image, s[3], erase_prob)
@@ -616,18 +627,30 @@ def _split(data: Data, split: str | Source, make: Callable[[Data, str], Source] 
   return split if isinstance(split, Source) else make(data, split)
 
 
+def keys_of(mode: str, data: Optional[Data] = None) -> tuple[str, ...]:
+  """The keys of `mode`'s batches (KEYS[mode]) under config.data's view options: pre-training's without
+  "tokenizer_image" when data.tokenizer_view is "device"; fine-tuning's with "erase" (random erasing's
+  rectangles) when data.uint8 and data.augment.erase_prob > 0."""
+  keys = KEYS[mode]
+  if data is None:
+    return keys
+  if mode.startswith("pretrain") and _views(data)["tokenizer_view"] == "device":
+    keys = tuple(k for k in keys if k != "tokenizer_image")
+  if mode == "classification_train" and _views(data)["uint8"] and data.augment.erase_prob > 0:
+    keys = (*keys, "erase")
+  return keys
+
+
 def _only(mode: str, batches: Iterator[dict[str, np.ndarray]], data: Optional[Data] = None
           ) -> Iterator[dict[str, np.ndarray]]:
-  """KEYS[mode] of each batch; pre-training's without "tokenizer_image" when data.tokenizer_view is "device"."""
-  keys = KEYS[mode]
-  if data is not None and _views(data)["tokenizer_view"] == "device":
-    keys = tuple(k for k in keys if k != "tokenizer_image")
+  """keys_of(mode, data) of each batch."""
+  keys = keys_of(mode, data)
   return ({k: b[k] for k in keys} for b in batches)
 
 
 def _views(data: Data) -> dict:
-  """pretrain_transform's / mim_eval_transform's output options from config.data (both optional keys): uint8
-  (bool, default False: float32 views, normalised on the host) and tokenizer_view ("host" or "device")."""
+  """The transforms' output options from config.data (both optional keys): uint8 (bool, default False: float32
+  images, normalised on the host) and tokenizer_view ("host" or "device", pre-training's)."""
   return {"uint8": bool(data.get("uint8", False)), "tokenizer_view": data.get("tokenizer_view", "host")}
 
 
@@ -661,15 +684,17 @@ def pretrain_eval(data: Data, split: str | Source, *, host_batch: int, seed: int
 def _classification_train(mode: str, data: Data, split: str | Source, *, host_batch: int, seed: int,
                           start_step: int, shard: Shard, rand_augment, erase_prob: float):
   transform = finetune_transform(seed=seed, image_size=data.image_size, scale=tuple(data.augment.crop_scale),
-                                 rand_augment=rand_augment, erase_prob=erase_prob, mean_std=mean_std(data.mean_std))
+                                 rand_augment=rand_augment, erase_prob=erase_prob, mean_std=mean_std(data.mean_std),
+                                 uint8=_views(data)["uint8"])
   return _only(mode, train_batches(_split(data, split), transform, host_batch=host_batch, seed=seed,
-                                   start_step=start_step, shard=shard, channels=3, **_tf_data(data)))
+                                   start_step=start_step, shard=shard, channels=3, **_tf_data(data)), data)
 
 
 def classification_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
                          shard: Shard = Shard()) -> Iterator[dict[str, np.ndarray]]:
   """Fine-tuning's batches from `start_step` on: images augmented as data.augment says (finetune_transform:
-  crop, flip, RandAugment, random erasing; mixup/cutmix come later, on device) and their labels."""
+  crop, flip, RandAugment, random erasing; mixup/cutmix come later, on device) and their labels; data.uint8
+  (optional): uint8 images and random erasing's "erase" rectangles, for device.classification_inputs."""
   aug = data.augment
   return _classification_train("classification_train", data, split, host_batch=host_batch, seed=seed,
                                start_step=start_step, shard=shard,
@@ -680,7 +705,8 @@ def classification_train(data: Data, split: str | Source, *, host_batch: int, se
 def linear_probe_train(data: Data, split: str | Source, *, host_batch: int, seed: int, start_step: int = 0,
                        shard: Shard = Shard()) -> Iterator[dict[str, np.ndarray]]:
   """The linear probe's batches from `start_step` on: random-resized crop (data.augment.crop_scale) and flip
-  alone, whatever data.augment says of RandAugment and erasing (unilm run_linear_eval's augmentation)."""
+  alone, whatever data.augment says of RandAugment and erasing (unilm run_linear_eval's augmentation); data.uint8
+  (optional): uint8 images."""
   return _classification_train("linear_probe_train", data, split, host_batch=host_batch, seed=seed,
                                start_step=start_step, shard=shard, rand_augment=None, erase_prob=0.0)
 

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from beit_jax import model_files, models
-from beit_jax.data import mixup
+from beit_jax.data import device, mixup  # no TensorFlow: mixup and the uint8 images' normalisation on the device
 from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, sharding, weights
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -39,12 +39,16 @@ def soft_ce_sums(logits, targets):
 
 
 def train_step(state, batch, frozen=None, *, graphdef, tx, lr_fn, num_classes, mix, seed, smoothing=0.0,
-               micro_steps=1, ema_decay=0.0):
-  """One step; `mix` the mixup/cutmix arguments (None: off), `smoothing` the label smoothing (mixup or not).
-  Every mode's step is `train_step(state, batch, frozen)`; fine-tuning trains every parameter: frozen is None."""
+               micro_steps=1, ema_decay=0.0, views=None):
+  """One step; `mix` the mixup/cutmix arguments (None: off), `smoothing` the label smoothing (mixup or not);
+  `views(batch, key)` (views_of(config); None: float images as they are): the host's images as the model takes
+  them (data.uint8: normalised and randomly erased here, on the device). Every mode's step is
+  `train_step(state, batch, frozen)`; fine-tuning trains every parameter: frozen is None."""
   del frozen
   step = state["step"]
   key = jax.random.fold_in(jax.random.key(seed), step)  # a fresh mixup draw per step, the same after a resume
+  if views is not None:
+    batch = views(batch, jax.random.fold_in(key, 1))  # erasing's noise: a stream of its own
   if mix:
     images, targets = mixup.mixup_cutmix(key, batch["image"], batch["label"], num_classes, smoothing=smoothing,
                                          **mix)
@@ -126,9 +130,20 @@ def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh
 
 
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """The global batch train_step takes, key -> (shape, dtype): what pipelines.classification_train yields."""
-  s, b = config.data.image_size, config.batch_size
-  return {"image": ((b, s, s, 3), jnp.float32), "label": ((b,), jnp.int32)}
+  """The global batch train_step takes, key -> (shape, dtype): what pipelines.classification_train yields
+  (data.uint8: uint8 images and, with random erasing, its int32 rectangles)."""
+  d, b = config.data, config.batch_size
+  uint8 = bool(d.get("uint8", False))
+  spec = {"image": ((b, d.image_size, d.image_size, 3), jnp.uint8 if uint8 else jnp.float32),
+          "label": ((b,), jnp.int32)}
+  if uint8 and d.augment.erase_prob > 0:
+    spec["erase"] = ((b, 4), jnp.int32)
+  return spec
+
+
+def views_of(config: ml_collections.ConfigDict):
+  """The step's `views`: device.classification_inputs with the config's normalisation."""
+  return functools.partial(device.classification_inputs, mean_std=config.data.mean_std)
 
 
 def jit_train_step(config, mesh, state, graphdef, tx, lr_fn, num_classes: int):
@@ -139,14 +154,14 @@ def jit_train_step(config, mesh, state, graphdef, tx, lr_fn, num_classes: int):
       functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, num_classes=num_classes,
                         mix=mixup_args(config), seed=config.seed, smoothing=float(config.label_smoothing),
                         micro_steps=config.get("grad_accum", 1),
-                        ema_decay=float(config.get("ema_decay", 0.0))),
+                        ema_decay=float(config.get("ema_decay", 0.0)), views=views_of(config)),
       in_shardings=(state_sh, sharding.batch_sharding(mesh), None),
       out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
   weights.parse(config.init)

@@ -62,8 +62,10 @@ def _features(backbone_def, backbone_state, images, blocks, use_cls, normalize):
 
 
 def train_step(state, batch, backbone_state, *, graphdef, backbone_def, tx, lr_fn, blocks, use_cls, normalize,
-               micro_steps=1):
-  """One step of every probe on this step's (augmented) images: the features are computed here."""
+               micro_steps=1, views=None):
+  """One step of every probe on this step's (augmented) images: the features are computed here. `views(batch)`
+  (None: float images as they are): data.uint8's images normalised on the device."""
+  batch = views(batch) if views is not None else batch
   def loss_fn(probes, b):
     logits = probes(_features(backbone_def, backbone_state, b["image"], blocks, use_cls, normalize))  # [P, B, C]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["label"][None])
@@ -214,8 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=(0,))
     run_step = lambda step, s: lbfgs(s, stored)
   else:  # "augmented", the paper's protocol: each step's crops go through the frozen backbone
+    views = functools.partial(device.classification_inputs, key=None, mean_std=config.data.mean_std)
     step_fn = jax.jit(functools.partial(train_step, tx=tx, lr_fn=lr_fn, micro_steps=config.get("grad_accum", 1),
-                                        **common),
+                                        views=views, **common),
                       in_shardings=(state_sh, batch_sh, backbone_sh), out_shardings=(state_sh, rep),
                       donate_argnums=(0,))
     host_batches = pipelines.linear_probe_train(config.data, source, host_batch=host_batch, seed=config.seed,

@@ -26,8 +26,9 @@ def ours(args, batch: int, mesh) -> harness.OursStep:
   cfg = weights.classifier_config(config, NUM_CLASSES)
   graphdef, state, tx, lr_fn = finetune.create_state(config, cfg, mesh, 100_000)
   step_fn = finetune.jit_train_step(config, mesh, state, graphdef, tx, lr_fn, cfg.num_classes)
-  return harness.OursStep(step_fn, state,
-                          harness.synthetic_batch(finetune.batch_spec(config), mesh, high={"label": NUM_CLASSES}))
+  spec = finetune.batch_spec(config)
+  high = {"label": NUM_CLASSES, **({"erase": config.data.image_size} if "erase" in spec else {})}  # data.uint8
+  return harness.OursStep(step_fn, state, harness.synthetic_batch(spec, mesh, high=high))
 
 
 def peer(args, batch: int, t: harness.Torch) -> harness.PeerStep:
