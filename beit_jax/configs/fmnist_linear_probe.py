@@ -21,6 +21,7 @@ def get_config(init: str = ""):
   c.data.source = "fashion_mnist_files"
   c.data.image_size = 28
   c.data.crop_pct = 1.0
+  c.data.uint8 = False  # on CPU the device is the host: no transfer for uint8 to save
   c.probe.features = "precomputed"
   # The feature pass's batch (the probe steps are full-batch): on CPU 100 is twice as fast as 1000, whose
   # activations (tens of MB) are fresh allocations, page-faulted in on every call.

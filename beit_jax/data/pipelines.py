@@ -292,35 +292,39 @@ def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int 
   resampling (tests/test_pipelines.py states how close).
 
   Order: the original (unilm's DataAugmentationForBEiT) jitters and flips the whole image, then crops. Here the
-  box is drawn first, from the image's size (so a JPEG decodes only the box, see Cropped), the jitter runs on the
-  crop's pixels and the flip on the two resized views. Brightness and saturation act on each pixel alone, so they
-  give the same pixels either way; contrast blends with the mean grey of the crop instead of the whole image's;
-  the flip mirrors the crop (its views) instead of the image the box is drawn in (the same distribution of views:
-  a box and its mirror are equally likely). The draws are (jitter, flip, box) from the example's seed of (seed,
-  epoch, index), as before the reorder.
+  box is drawn first, from the image's size (so a JPEG decodes only the box, see Cropped), and the jitter and the
+  flip run on each resized view (the same draws for both). Brightness and saturation act on each pixel alone and
+  the resize is a normalised linear filter, so they give the same pixels either way but for clipping (of the
+  jitter's overshoot before the resize, of the resize's after); contrast blends with the mean grey of the view
+  instead of the whole image's; the flip mirrors the views instead of the image the box is drawn in (the same
+  distribution of views: a box and its mirror are equally likely). tests/test_pipelines.py compares the
+  statistics of both orders. The draws are (jitter, flip, box) from the example's seed of (seed, epoch, index),
+  as before the reorder.
   """
   _check_views(uint8, tokenizer_view)
 
   def fn(ex, epoch):
     s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 3)
-    image = ex["image"]
-    if color_jitter > 0:
-      image = augment.color_jitter(image, s[0], color_jitter)
-    return {**ex, **_pretrain_views(image, image_size, tokenizer_size, tokenizer_resize, mean_std, uint8,
-                                    tokenizer_view, flip=s[1])}
+    jitter = (lambda view: augment.color_jitter(view, s[0], color_jitter)) if color_jitter > 0 else None
+    return {**ex, **_pretrain_views(ex["image"], image_size, tokenizer_size, tokenizer_resize, mean_std, uint8,
+                                    tokenizer_view, flip=s[1], jitter=jitter)}
   return Cropped(fn, _random_resized_crop(seed, 2, 3, scale))
 
 
 def _pretrain_views(image, image_size, tokenizer_size, tokenizer_resize, mean_std, uint8, tokenizer_view,
-                    flip=None):
-  """The model view and (tokenizer_view "host") the tokenizer view of `image`; `flip`: a seed whose coin flips
-  both views (flipping the views rather than the crop: the same pixels up to the float summation order of the
-  resize, whose kernel is symmetric, on fewer pixels)."""
-  flipped = (lambda view: augment.random_flip(view, flip)) if flip is not None else (lambda view: view)
-  view = flipped(augment.resize(image, image_size, "bicubic"))
+                    flip=None, jitter=None):
+  """The model view and (tokenizer_view "host") the tokenizer view of `image`; `jitter` (the same draws for
+  both views) and `flip` (a seed whose coin flips both) act on each resized view rather than on the crop: the
+  same pixels up to the clipping of the resize's overshoot and the contrast's mean grey taken over the view, on
+  fewer pixels (a 224 px view has about half the pixels of ImageNet's mean crop: jitter and flip on the views
+  cost a third of what they cost on the crop)."""
+  def finish(view):
+    view = jitter(view) if jitter is not None else view
+    return augment.random_flip(view, flip) if flip is not None else view
+  view = finish(augment.resize(image, image_size, "bicubic"))
   out = {"image": _to_uint8(view) if uint8 else augment.normalize(view, *mean_std)}
   if tokenizer_view == "host":
-    tok = flipped(augment.resize(image, tokenizer_size, tokenizer_resize))
+    tok = finish(augment.resize(image, tokenizer_size, tokenizer_resize))
     out["tokenizer_image"] = _to_uint8(tok) if uint8 else tok
   return out
 
