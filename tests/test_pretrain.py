@@ -58,7 +58,11 @@ def test_uint8_views_normalised_on_device_train_as_the_float_ones(tmp_path, toke
   losses = {k: r["metrics"]["loss"] for k, r in {"float": f32, "uint8": u8, "device view": dev}.items()}
   diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), params_np(f32), params_np(u8))))
   print(losses, f"params float vs uint8: max abs diff {diff:.2e}")
-  assert abs(losses["float"] - losses["uint8"]) < 2e-3 and diff < 1e-3
+  # Adam moves a parameter by up to ~lr a step whatever its gradient's size: where the rounding flips a tiny
+  # gradient's sign, the two runs part by up to ~2 lr a step. Measured at c26f908 (jitter on the views): 4.1e-3
+  # after 4 steps (4.6e-4 with the jitter on the crop), loss 0.0009 apart.
+  lr = tiny_config(tokenizer_file, mesh={"data": 1}, num_devices=1).optim.lr
+  assert abs(losses["float"] - losses["uint8"]) < 2e-3 and diff < 4 * lr, (diff, lr)
   assert np.isfinite(losses["device view"]) and abs(losses["device view"] - losses["float"]) < 0.5
 
 
