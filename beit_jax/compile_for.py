@@ -175,7 +175,28 @@ def _segmentation(config, mesh, notes):
   return segmentation.jit_train_step(config, mesh, state, graphdef, tx, lr_fn), (state, batch, None), None
 
 
-BUILDERS = {"pretrain": _pretrain, "finetune": _finetune, "tokenizer": _tokenizer, "segmentation": _segmentation}
+def _linear_probe(config, mesh, notes):
+  """The paper's probe step (probe.features="augmented": each step's crops through the frozen backbone)."""
+  from beit_jax import models  # pylint: disable=import-outside-toplevel
+  from beit_jax.models import flops  # pylint: disable=import-outside-toplevel
+  from beit_jax.train import linear_probe, sharding  # pylint: disable=import-outside-toplevel
+  if linear_probe.precomputed(config):
+    raise SystemExit("config.probe.features='precomputed' solves on stored features (a full-batch L-BFGS, not a "
+                     "training step): compile_for compiles the 'augmented' probe step")
+  num_classes = config.data.get("num_classes") or 1000
+  cfg = models.get_config(config.model.name, **dict(config.model.get("overrides", {})))
+  notes.append(f"{num_classes} classes; the backbone is config.model ({config.model.name}), its weights not read")
+  backbone_def, backbone_state = sharding.create_sharded(
+      lambda: models.Beit(cfg, rngs=models.beit.make_rngs(config.seed)), mesh, filters=(...,), abstract=True)
+  graphdef, state, tx, lr_fn = linear_probe.create_state(config, cfg, num_classes, mesh, _STEPS, abstract=True)
+  batch = _batch(mesh, linear_probe.batch_spec(config))
+  step = linear_probe.jit_train_step(config, mesh, state, graphdef, backbone_def, tx, lr_fn, cfg.depth)
+  # The frozen backbone's forward pass (XLA computes no backbone gradients); the probes' matmuls are negligible.
+  return step, (state, batch, backbone_state), config.batch_size * flops.forward_flops(cfg)
+
+
+BUILDERS = {"pretrain": _pretrain, "finetune": _finetune, "tokenizer": _tokenizer, "segmentation": _segmentation,
+            "linear_probe": _linear_probe}
 
 
 def compile_for(config, topology: str, utilisation: float = 0.5) -> dict:

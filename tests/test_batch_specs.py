@@ -51,6 +51,13 @@ def _tokenizer():
   return tokenizer.batch_spec(c, tcfg), batch
 
 
+def _linear_probe(uint8=False):
+  c = configs.load("fmnist_linear_probe")
+  c.data.uint8 = uint8
+  batch = _first(c, lambda c: pipelines.linear_probe_train(c.data, c.data.split, host_batch=BATCH, seed=0))
+  return linear_probe.batch_spec(c), batch
+
+
 def _segmentation():
   c = configs.load("fmnist_segmentation")
   batch = _first(c, lambda c: pipelines.segmentation_train(c.data, c.data.split, host_batch=BATCH, seed=0))
@@ -58,11 +65,12 @@ def _segmentation():
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "pretrain_uint8", "pretrain_device_view", "finetune", "finetune_uint8",
-                                  "tokenizer", "segmentation"])
+                                  "linear_probe", "linear_probe_uint8", "tokenizer", "segmentation"])
 def test_trainer_batch_spec_is_what_its_pipeline_yields(mode):
   spec, batch = {"pretrain": _pretrain, "pretrain_uint8": lambda: _pretrain(uint8=True),
                  "pretrain_device_view": lambda: _pretrain(uint8=True, tokenizer_view="device"),
-                 "finetune": _finetune, "finetune_uint8": lambda: _finetune(uint8=True), "tokenizer": _tokenizer, "segmentation": _segmentation}[mode]()
+                 "finetune": _finetune, "finetune_uint8": lambda: _finetune(uint8=True), "linear_probe": _linear_probe,
+                 "linear_probe_uint8": lambda: _linear_probe(uint8=True), "tokenizer": _tokenizer, "segmentation": _segmentation}[mode]()
   print(mode, _as_spec(batch))
   assert _spec(spec) == _as_spec(batch)
 

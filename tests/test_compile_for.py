@@ -55,6 +55,23 @@ def test_segmentation_step_shards_the_heads_under_fsdp():
   assert r["state_bytes_per_device"] < 0.2 * r["state_bytes_total"]
 
 
+def test_linear_probe_step_compiles_with_the_backbone_frozen():
+  """The paper's probe step (each step's crops through the frozen backbone), a small BEiT on 2 devices: XLA's
+  count is the backbone's forward alone (no backbone gradients: those would triple it), the probe state is only the probes, and the
+  precomputed probe, which has no training step, is refused by name."""
+  c = configs.load("beit_base_linear_probe")
+  c.model.name, c.batch_size, c.data.image_size, c.data.num_classes = "beit_test_tiny", 8, 32, 10
+  c.model.overrides = {"width": 256, "num_heads": 4}  # wide enough for the matmuls to be the FLOPs
+  c.mesh = {"data": 2, "fsdp": 1, "tensor": 1}
+  r = compile_for.compile_for(c, "cpu:2")
+  print(compile_for.report(r))
+  assert r["mode"] == "linear_probe"
+  assert 0.9 < r["xla_flops_per_device"] * 2 / r["model_flops_per_step"] < 1.3
+  c.probe.features = "precomputed"
+  with pytest.raises(SystemExit, match="probe.features='precomputed'"):
+    compile_for.compile_for(c, "cpu:2")
+
+
 def test_bad_batch_and_topology_are_named():
   c = finetune_config(model="beit_test_tiny", batch=6)
   c.data.image_size = 32

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from beit_jax import models
+from beit_jax.data import device  # no TensorFlow: the uint8 images' normalisation on the device
 from beit_jax.models.heads import LinearProbes, probe_features
 from beit_jax.train import checkpoints, console, loop, metrics, optim, runs, sharding, weights
 
@@ -157,7 +158,7 @@ def precomputed_features(config, mesh, host_batch: int, backbone_def, backbone_s
   full-batch on them (whitened, by L-BFGS): a multinomial logistic regression per block, run to convergence in
   a hundred or so cheap iterations instead of epochs of backbone forwards. It holds N x P x F floats: for data
   sets that fit (Fashion-MNIST: 60,000 x 4 x 256), not ImageNet."""
-  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
   it = pipelines.classification_eval(config.data, config.data.split, host_batch=host_batch,
                                      shard=pipelines.Shard.of_this_process())
   feats_fn = jax.jit(lambda state, images: jnp.swapaxes(
@@ -174,8 +175,59 @@ def precomputed_features(config, mesh, host_batch: int, backbone_def, backbone_s
   return device.to_global(host, sharding.batch_sharding(mesh))
 
 
+def precomputed(config: ml_collections.ConfigDict) -> bool:
+  """config.probe.features: "precomputed" (full-batch L-BFGS on stored features) or "augmented" (the paper's)."""
+  features = config.probe.get("features", "augmented")
+  if features not in ("augmented", "precomputed"):
+    raise ValueError(f"config.probe.features={features!r}: use 'augmented' or 'precomputed'")
+  return features == "precomputed"
+
+
+def feature_args(config: ml_collections.ConfigDict, depth: int) -> dict[str, Any]:
+  """What `_features` takes besides the backbone and the images: the probed blocks of a backbone of `depth`
+  blocks, whether [CLS] is concatenated, whether the features are standardised."""
+  return dict(blocks=probe_blocks(config, depth), use_cls=bool(config.probe.use_cls),
+              normalize=bool(config.probe.get("normalize", True)))
+
+
+def create_state(config: ml_collections.ConfigDict, backbone_cfg: models.BeitConfig, num_classes: int, mesh,
+                 steps: int, *, abstract: bool = False):
+  """(graphdef, train state, optimizer, lr schedule) of the probes, one per probed block, on the features of a
+  backbone of `backbone_cfg`: AdamW on the config's schedule, or optax.lbfgs (lr schedule None) for precomputed
+  features. `abstract=True`: ShapeDtypeStructs with the shardings, nothing allocated (for compile_for)."""
+  f = feature_args(config, backbone_cfg.depth)
+  width = backbone_cfg.width * (2 if f["use_cls"] else 1)
+  graphdef, params, rest = sharding.create_sharded(
+      lambda: LinearProbes(len(f["blocks"]), width, num_classes, rngs=nnx.Rngs(config.seed)), mesh,
+      abstract=abstract)
+  if precomputed(config):  # a convex problem: a quasi-Newton solver converges where Adam crawls
+    tx, lr_fn = optax.lbfgs(), None
+  else:
+    tx, lr_fn = optim.make(config.optim, params, steps)
+  return graphdef, sharding.train_state(params, rest, tx, mesh, abstract=abstract), tx, lr_fn
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """The global batch train_step takes, key -> (shape, dtype): what pipelines.linear_probe_train yields."""
+  d, b = config.data, config.batch_size
+  return {"image": ((b, d.image_size, d.image_size, 3), jnp.uint8 if d.get("uint8", False) else jnp.float32),
+          "label": ((b,), jnp.int32)}
+
+
+def jit_train_step(config, mesh, state, graphdef, backbone_def, tx, lr_fn, depth: int):
+  """The step `(state, batch, frozen=backbone state)` jitted with the state's shardings in and out (the state
+  donated), the batch split over the data axes and the backbone as placed. `state` may be abstract."""
+  state_sh = sharding.shardings_of(state)
+  views = functools.partial(device.classification_inputs, key=None, mean_std=config.data.mean_std)
+  return jax.jit(functools.partial(train_step, graphdef=graphdef, backbone_def=backbone_def, tx=tx, lr_fn=lr_fn,
+                                   micro_steps=config.get("grad_accum", 1), views=views,
+                                   **feature_args(config, depth)),
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh), None),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from beit_jax.data import device, pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  from beit_jax.data import pipelines  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
   workdir = pathlib.Path(workdir)
   weights.parse(config.init)
@@ -183,44 +235,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   host_batch = runs.check_batch(config, mesh)
   source = pipelines.source_of(config.data, config.data.split)
   shard = pipelines.Shard.of_this_process()
-  features = config.probe.get("features", "augmented")
-  if features not in ("augmented", "precomputed"):
-    raise ValueError(f"config.probe.features={features!r}: use 'augmented' or 'precomputed'")
+  solve = precomputed(config)
   # Precomputed: a step is one L-BFGS iteration on the full batch.
-  steps = runs.total_steps(config, 1 if features == "precomputed" else
-                      pipelines.steps_per_epoch(source, host_batch, shard.count))
+  steps = runs.total_steps(config, 1 if solve else pipelines.steps_per_epoch(source, host_batch, shard.count))
 
   backbone = load_backbone(config)
-  blocks, use_cls = probe_blocks(config, backbone.config.depth), bool(config.probe.use_cls)
+  features = feature_args(config, backbone.config.depth)
+  blocks = features["blocks"]
   backbone_def, backbone_state = sharding.place(backbone, mesh, filters=(...,))
-  width = backbone.config.width * (2 if use_cls else 1)
-  graphdef, params, rest = sharding.create_sharded(
-      lambda: LinearProbes(len(blocks), width, source.num_classes, rngs=nnx.Rngs(config.seed)), mesh)
-  if features == "precomputed":  # a convex problem: a quasi-Newton solver converges where Adam crawls
-    tx, lr_fn = optax.lbfgs(), None
-  else:
-    tx, lr_fn = optim.make(config.optim, params, steps)
+  graphdef, state, tx, lr_fn = create_state(config, backbone.config, source.num_classes, mesh, steps)
   rep = sharding.replicated(mesh)
-  state = sharding.train_state(params, rest, tx, mesh)
   ckpts, state, start = checkpoints.resume(workdir, config, state, steps)
 
   state_sh, backbone_sh = sharding.shardings_of(state), sharding.shardings_of(backbone_state)
   batch_sh = sharding.batch_sharding(mesh)
-  common_features = dict(blocks=blocks, use_cls=use_cls, normalize=bool(config.probe.get("normalize", True)))
-  common = dict(graphdef=graphdef, backbone_def=backbone_def, **common_features)
-  if features == "precomputed":  # every step is an L-BFGS iteration on the same full batch of stored features
-    stored = precomputed_features(config, mesh, host_batch, backbone_def, backbone_state, **common_features)
+  if solve:  # every step is an L-BFGS iteration on the same full batch of stored features
+    stored = precomputed_features(config, mesh, host_batch, backbone_def, backbone_state, **features)
     white = jax.jit(whitening, out_shardings=rep)(stored)
     stored = dict(stored, features=jax.jit(whiten, out_shardings=batch_sh)(stored["features"], white))
     lbfgs = jax.jit(functools.partial(lbfgs_step, graphdef=graphdef, tx=tx, l2=float(config.probe.l2)),
                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=(0,))
     run_step = lambda step, s: lbfgs(s, stored)
   else:  # "augmented", the paper's protocol: each step's crops go through the frozen backbone
-    views = functools.partial(device.classification_inputs, key=None, mean_std=config.data.mean_std)
-    step_fn = jax.jit(functools.partial(train_step, tx=tx, lr_fn=lr_fn, micro_steps=config.get("grad_accum", 1),
-                                        views=views, **common),
-                      in_shardings=(state_sh, batch_sh, backbone_sh), out_shardings=(state_sh, rep),
-                      donate_argnums=(0,))
+    step_fn = jit_train_step(config, mesh, state, graphdef, backbone_def, tx, lr_fn, backbone.config.depth)
     host_batches = pipelines.linear_probe_train(config.data, source, host_batch=host_batch, seed=config.seed,
                                                 start_step=start, shard=shard)
     batches = device.global_batches(host_batches, mesh, sharding.BATCH_AXES)
@@ -233,10 +270,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, state, run_step, start=start, steps=steps,
         ckpts=ckpts, writer=writer, hooks=metrics.step_hooks(config, steps, writer, str(workdir)),
         meta=lambda s: {"step": s, "blocks": list(blocks)})
-  if features == "precomputed":  # the solution on whitened features, as probes of the backbone's own
+  if solve:  # the solution on whitened features, as probes of the backbone's own
     state = dict(state, params=jax.jit(unwhiten, out_shardings=state_sh["params"])(state["params"], white))
   if config.get("eval_split") and int(jax.device_get(state["step"])) == steps:
-    eval_fn = jax.jit(functools.partial(eval_step, **common),
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, backbone_def=backbone_def, **features),
                       in_shardings=(state_sh["params"], state_sh["rest"], batch_sh, backbone_sh), out_shardings=rep)
     with jax.set_mesh(mesh):
       sums = metrics.sum_over(lambda batch: eval_fn(state["params"], state["rest"], batch, backbone_state),
