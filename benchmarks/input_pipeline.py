@@ -15,6 +15,9 @@ T cores (T = each of --threads), images/s of:
                  (the default);
   * ours/uint8:  the same with uint8=True, tokenizer_view="device" (uint8 224 px view; the 112 px view made on
                  the device, device.pretrain_inputs);
+  * ours/imagenet: the ImageNet configs' default, uint8=True with both views from the host;
+  * ours/crop:   resize="device": the host decodes the crop and pads it into a 512 px canvas, uint8, with its
+                 jitter and flip draws; both views are made on the device (device.crop_views), not timed here;
   * unilm:       the PyTorch original: unilm beit's DataAugmentationForBEiT (ColorJitter(0.4, 0.4, 0.4),
                  RandomHorizontalFlip, RandomResizedCropAndInterpolationWithTwoPic 224 bicubic + 112 lanczos,
                  ToTensor + Normalize, DALL-E's map_pixels, MaskingGenerator(14x14, 75, min 16)) over an
@@ -46,7 +49,10 @@ import time
 import numpy as np
 
 SHAPES = ((375, 500), (375, 500), (500, 375))  # (height, width): ImageNet's commonest, landscape 2:1 portrait
-PIPELINES = ("decode/tf", "decode/pil", "ours", "ours/uint8", "unilm")
+# Ours: the pretrain_transform keywords of each variant.
+OURS = {"ours": {}, "ours/uint8": dict(uint8=True, tokenizer_view="device"), "ours/imagenet": dict(uint8=True),
+        "ours/crop": dict(uint8=True, resize="device")}
+PIPELINES = ("decode/tf", "decode/pil", *OURS, "unilm")
 INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
@@ -104,17 +110,22 @@ def bench_decode_tf(root: str, batch: int, threads: int, steps: int) -> float:
   return _timed(iter(ds), batch, steps)
 
 
-def bench_ours(root: str, batch: int, threads: int, steps: int, uint8: bool = False) -> float:
+def bench_ours(root: str, batch: int, threads: int, steps: int, variant: str = "ours") -> float:
   _tf_threads(threads)
   from beit_jax.data import pipelines, sources  # pylint: disable=import-outside-toplevel
   src = sources.get_source(f"folder:{root}", "train")
-  kw = dict(uint8=True, tokenizer_view="device") if uint8 else {}
+  kw = OURS[variant]
   transform = pipelines.pretrain_transform(seed=0, **kw)
   it = pipelines.train_batches(src, transform, host_batch=batch, seed=0, masks=pipelines.MaskSpec(),
                                threads=threads)
   first = next(it)
-  assert first["image"].shape == (batch, 224, 224, 3) and first["mask"].shape == (batch, 14, 14)
-  assert ("tokenizer_image" not in first) if uint8 else first["tokenizer_image"].shape == (batch, 112, 112, 3)
+  assert first["mask"].shape == (batch, 14, 14)
+  if kw.get("resize") == "device":
+    assert first["crop"].shape == (batch, 512, 512, 3) and "image" not in first
+  else:
+    assert first["image"].shape == (batch, 224, 224, 3)
+    assert ("tokenizer_image" not in first) if kw.get("tokenizer_view") == "device" else (
+        first["tokenizer_image"].shape == (batch, 112, 112, 3))
   return _timed(it, batch, steps)
 
 
@@ -294,8 +305,8 @@ def worker(args) -> dict:
     out["images_per_s"] = bench_decode_tf(args.root, args.batch, args.threads, args.steps)
   elif args.worker == "decode/pil":
     out["images_per_s"] = bench_decode_pil(args.root, args.batch, args.threads, args.steps)
-  elif args.worker in ("ours", "ours/uint8"):
-    out["images_per_s"] = bench_ours(args.root, args.batch, args.threads, args.steps, args.worker == "ours/uint8")
+  elif args.worker in OURS:
+    out["images_per_s"] = bench_ours(args.root, args.batch, args.threads, args.steps, args.worker)
   elif args.worker == "unilm":
     out["images_per_s"], out["torchvision"] = bench_unilm(args.root, args.batch, args.threads, args.steps)
   else:
@@ -372,7 +383,7 @@ def main():
           extra.append(f"{ips / row['unilm']['images_per_s']:.2f}x unilm's")
         if name == "unilm":
           extra.append("torchvision transforms" if r.get("torchvision") else "PEER_OPS (no torchvision)")
-        print(f"  {name:11s} {ips:8,.1f} images/s  ({'; '.join(extra)})")
+        print(f"  {name:13s} {ips:8,.1f} images/s  ({'; '.join(extra)})")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)

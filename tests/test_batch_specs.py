@@ -26,9 +26,10 @@ def _spec(spec: dict) -> dict:
   return {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
 
 
-def _pretrain(uint8=False, tokenizer_view="host"):
+def _pretrain(uint8=False, tokenizer_view="host", resize="host"):
   c = configs.load("fmnist_pretrain")
-  c.data.uint8, c.data.tokenizer_view = uint8, tokenizer_view
+  c.data.uint8, c.data.tokenizer_view, c.data.resize = uint8, tokenizer_view, resize
+  c.data.crop_canvas = 32
   grid = pretrain.model_config(c, vocab_size=128).grid
   batch = _first(c, lambda c: pipelines.pretrain_train(c.data, c.data.split, host_batch=BATCH, seed=0,
                                                        masks=pipelines.mask_spec(c.data, grid)))
@@ -64,11 +65,13 @@ def _segmentation():
   return segmentation.batch_spec(c), batch
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "pretrain_uint8", "pretrain_device_view", "finetune", "finetune_uint8",
+@pytest.mark.parametrize("mode", ["pretrain", "pretrain_uint8", "pretrain_device_view",
+                                  "pretrain_device_resize", "finetune", "finetune_uint8",
                                   "linear_probe", "linear_probe_uint8", "tokenizer", "segmentation"])
 def test_trainer_batch_spec_is_what_its_pipeline_yields(mode):
   spec, batch = {"pretrain": _pretrain, "pretrain_uint8": lambda: _pretrain(uint8=True),
                  "pretrain_device_view": lambda: _pretrain(uint8=True, tokenizer_view="device"),
+                 "pretrain_device_resize": lambda: _pretrain(uint8=True, resize="device"),
                  "finetune": _finetune, "finetune_uint8": lambda: _finetune(uint8=True), "linear_probe": _linear_probe,
                  "linear_probe_uint8": lambda: _linear_probe(uint8=True), "tokenizer": _tokenizer, "segmentation": _segmentation}[mode]()
   print(mode, _as_spec(batch))

@@ -108,7 +108,10 @@ def pretrain() -> ml_collections.ConfigDict:
       # host->device traffic than float32, and the original's own quantisation (its views are uint8 PIL images
       # until ToTensor). tokenizer_view "device" also resizes the tokenizer's view from the model's there
       # (one resize less per image on the host; within 0.04 of the host's view, tests/test_pipelines.py).
-      "uint8": True, "tokenizer_view": "host",
+      # resize "device": the host sends the decoded crop (padded into a square of data.crop_canvas px, default
+      # 512) and the device makes both views, jitter and flip (the host's pixels within 1e-4; the host then only
+      # decodes: for hosts with too few cores per chip, BENCHMARKS.md "Host input pipeline for the chips").
+      "uint8": True, "tokenizer_view": "host", "resize": "host",
       "mask": {"num_masked": 75, "min_block": 16, "min_aspect": 0.3, "kind": "blockwise"},
   })
   c.batch_size = 2048

@@ -86,9 +86,14 @@ def resize_center_crop(image, size: int, crop_pct: float, method: str = "bicubic
   return tf.clip_by_value(image, 0.0, 1.0)
 
 
+def flip_draw(seed: Seed) -> tf.Tensor:
+  """random_flip's coin: True = mirror."""
+  return _uniform(seed) < 0.5
+
+
 def random_flip(image, seed: Seed):
   """A horizontal flip with probability 1/2 (tf.reverse: a negative-stride slice was ~9x slower on a crop)."""
-  return tf.cond(_uniform(seed) < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
+  return tf.cond(flip_draw(seed), lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def normalize(image, mean, std):
@@ -123,11 +128,16 @@ def saturation(image, f):
   return _blend(image, _gray(image), f)  # each pixel's grey, broadcast over the channels
 
 
+def jitter_draws(seed: Seed, strength: float = 0.4) -> tuple[tf.Tensor, tf.Tensor]:
+  """color_jitter's draws: the (brightness, contrast, saturation) factors in [1-s, 1+s], float32 [3], and the
+  order the three are applied in, int32 [3] (device.color_jitter applies the same draws on the device)."""
+  s = split(seed, 4)
+  return _uniform(s[0], (3,), 1.0 - strength, 1.0 + strength), tf.argsort(_uniform(s[1], (3,)))
+
+
 def color_jitter(image, seed: Seed, strength: float = 0.4):
   """torchvision ColorJitter(strength, strength, strength): factors in [1-s, 1+s], in a random order."""
-  s = split(seed, 4)
-  factors = _uniform(s[0], (3,), 1.0 - strength, 1.0 + strength)
-  order = tf.argsort(_uniform(s[1], (3,)))
+  factors, order = jitter_draws(seed, strength)
   ops = [brightness, contrast, saturation]
   for k in range(3):
     image = tf.switch_case(order[k], [lambda op=op, j=j: op(image, factors[j]) for j, op in enumerate(ops)])

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from beit_jax.data import augment, masking, sources
+from beit_jax.data import augment, device, masking, sources
 from beit_jax.data import bad_files as _bad_files
 from beit_jax.data.normalization import IMAGENET_DEFAULT, INCEPTION, mean_std  # pylint: disable=unused-import
 from beit_jax.data.sources import SEG_IGNORE, Source
@@ -60,6 +60,7 @@ class Cropped:
   crops the decoded image it is given and runs `fn`."""
   fn: Callable[[Example, tf.Tensor], Example]
   crop: Callable[[Example, tf.Tensor, tf.Tensor, tf.Tensor], Box]
+  raw: bool = False  # the pipelines give fn the box's uint8 pixels as they decoded, not float32 in [0, 1]
 
   def __call__(self, ex: Example, epoch) -> Example:
     image = ex["image"]
@@ -275,10 +276,28 @@ def _check_views(uint8: bool, tokenizer_view: str):
                      "it needs uint8=True (data.uint8)")
 
 
+RESIZES = ("host", "device")
+CROP_CANVAS = device.CROP_CANVAS
+
+
+def _check_resize(resize: str, uint8: bool, tokenizer_view: str, canvas: int, image_size: int):
+  if resize not in RESIZES:
+    raise ValueError(f"data.resize={resize!r}: use one of {RESIZES}")
+  if resize == "device" and (not isinstance(canvas, int) or canvas < image_size):
+    raise ValueError(f"data.crop_canvas={canvas!r}: the side in pixels of the square the crops are padded into "
+                     f"must be at least data.image_size={image_size} (a smaller one would throw resolution away)")
+  if resize == "device" and not uint8:
+    raise ValueError("data.resize='device' sends the uint8 crop for the device to resize: it needs data.uint8=True")
+  if resize == "device" and tokenizer_view != "host":
+    raise ValueError("data.resize='device' makes both views on the device, from the crop; data.tokenizer_view="
+                     f"{tokenizer_view!r} (the tokenizer view from the model view) does not apply: leave it 'host'")
+
+
 def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int = 112,
                        tokenizer_resize: str = "lanczos3", color_jitter: float = 0.4,
                        mean_std=INCEPTION, scale=(0.08, 1.0), uint8: bool = False,
-                       tokenizer_view: str = "host") -> Cropped:
+                       tokenizer_view: str = "host", resize: str = "host",
+                       canvas: int = CROP_CANVAS) -> Cropped:
   """BEiT pre-training: ONE random-resized crop, colour jitter and flip of the crop, resized twice.
 
   "image": the model view (image_size, bicubic, normalised); "tokenizer_image": the tokenizer view
@@ -300,15 +319,49 @@ def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int 
   distribution of views: a box and its mirror are equally likely). tests/test_pipelines.py compares the
   statistics of both orders. The draws are (jitter, flip, box) from the example's seed of (seed, epoch, index),
   as before the reorder.
+
+  `resize="device"` (with uint8): the host resizes nothing. It sends the crop as it decoded ("crop": uint8,
+  padded at the bottom and right into a `canvas` x `canvas` square; "crop_size": its int32 (height, width)) and
+  the example's draws ("flip", "jitter": the three factors, "jitter_order"); device.pretrain_inputs makes both
+  views from them inside the jitted step, the same resampling, jitter and flip as above (tests/test_pipelines.py
+  states how close). A crop larger than the canvas is first shrunk on the host to fit it (bicubic, antialiased,
+  aspect kept): two resamplings for those only. What leaves the host is canvas^2 x 3 bytes per image (786 KB at
+  512, 1.3x a float32 224 px view's) for a host that does only the decode.
   """
   _check_views(uint8, tokenizer_view)
+  _check_resize(resize, uint8, tokenizer_view, canvas, image_size)
 
   def fn(ex, epoch):
     s = augment.split(augment.example_seed(seed, epoch, ex["index"]), 3)
+    if resize == "device":
+      rest = {k: v for k, v in ex.items() if k != "image"}
+      return {**rest, **_crop_for_device(ex["image"], canvas, s[0], s[1], color_jitter)}
     jitter = (lambda view: augment.color_jitter(view, s[0], color_jitter)) if color_jitter > 0 else None
     return {**ex, **_pretrain_views(ex["image"], image_size, tokenizer_size, tokenizer_resize, mean_std, uint8,
                                     tokenizer_view, flip=s[1], jitter=jitter)}
-  return Cropped(fn, _random_resized_crop(seed, 2, 3, scale))
+  return Cropped(fn, _random_resized_crop(seed, 2, 3, scale), raw=resize == "device")
+
+
+def _crop_for_device(crop, canvas: int, jitter_seed, flip_seed, color_jitter: float) -> Example:
+  """resize="device"'s example: the uint8 crop padded into the canvas (shrunk to fit it first if larger), its
+  size, and the draws of the jitter and the flip the device applies to each view."""
+  h, w = tf.shape(crop)[0], tf.shape(crop)[1]
+  longest = tf.maximum(h, w)
+
+  def shrink():
+    f = canvas / tf.cast(longest, tf.float32)
+    size = tf.maximum(tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * f), tf.int32), 1)
+    small = tf.image.resize(tf.cast(crop, tf.float32), tf.minimum(size, canvas), "bicubic", antialias=True)
+    return tf.cast(tf.round(tf.clip_by_value(small, 0.0, 255.0)), tf.uint8)
+  crop = tf.cond(longest > canvas, shrink, lambda: crop)
+  h, w = tf.shape(crop)[0], tf.shape(crop)[1]
+  padded = tf.pad(crop, [[0, canvas - h], [0, canvas - w], [0, 0]])
+  if color_jitter > 0:
+    factors, order = augment.jitter_draws(jitter_seed, color_jitter)
+  else:
+    factors, order = tf.ones([3], tf.float32), tf.range(3, dtype=tf.int32)
+  return {"crop": tf.ensure_shape(padded, [canvas, canvas, 3]), "crop_size": tf.stack([h, w]),
+          "flip": augment.flip_draw(flip_seed), "jitter": factors, "jitter_order": order}
 
 
 def _pretrain_views(image, image_size, tokenizer_size, tokenizer_resize, mean_std, uint8, tokenizer_view,
@@ -444,11 +497,12 @@ def _decoded_and_transformed(raw: tf.data.Dataset, source: Source, transform: Tr
   e = tf.constant(epoch, tf.int64)
   crop = (lambda ex, h, w: transform.crop(ex, e, h, w)) if isinstance(transform, Cropped) else None
   rest = transform.fn if isinstance(transform, Cropped) else transform
+  as_decoded = isinstance(transform, Cropped) and transform.raw
   ds = decode_stage(raw, source.encoded, channels, reduce_zero_label=source.reduce_zero_label, crop=crop)
 
   def fn(ex):
-    out = rest({**{k: v for k, v in ex.items() if k not in _BOOKKEEPING},
-                "image": augment.to_float(ex["image"], channels)}, e)
+    image = ex["image"] if as_decoded else augment.to_float(ex["image"], channels)
+    out = rest({**{k: v for k, v in ex.items() if k not in _BOOKKEEPING}, "image": image}, e)
     return {**out, **{k: ex[k] for k in _BOOKKEEPING if k in ex}}
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -633,16 +687,23 @@ def _split(data: Data, split: str | Source, make: Callable[[Data, str], Source] 
 
 def keys_of(mode: str, data: Optional[Data] = None) -> tuple[str, ...]:
   """The keys of `mode`'s batches (KEYS[mode]) under config.data's view options: pre-training's without
-  "tokenizer_image" when data.tokenizer_view is "device"; fine-tuning's with "erase" (random erasing's
-  rectangles) when data.uint8 and data.augment.erase_prob > 0."""
+  "tokenizer_image" when data.tokenizer_view is "device", with DEVICE_RESIZE_KEYS instead of both views when
+  data.resize is "device"; fine-tuning's with "erase" (random erasing's rectangles) when data.uint8 and
+  data.augment.erase_prob > 0."""
   keys = KEYS[mode]
   if data is None:
     return keys
   if mode.startswith("pretrain") and _views(data)["tokenizer_view"] == "device":
     keys = tuple(k for k in keys if k != "tokenizer_image")
+  if mode == "pretrain_train" and data.get("resize", "host") == "device":
+    keys = (*DEVICE_RESIZE_KEYS, *(k for k in keys if k not in ("image", "tokenizer_image")))
   if mode == "classification_train" and _views(data)["uint8"] and data.augment.erase_prob > 0:
     keys = (*keys, "erase")
   return keys
+
+
+# Pre-training's batch keys in place of its views with data.resize="device" (pretrain_transform).
+DEVICE_RESIZE_KEYS = ("crop", "crop_size", "flip", "jitter", "jitter_order")
 
 
 def _only(mode: str, batches: Iterator[dict[str, np.ndarray]], data: Optional[Data] = None
@@ -666,7 +727,8 @@ def pretrain_train(data: Data, split: str | Source, *, host_batch: int, seed: in
   transform = pretrain_transform(
       seed=seed, image_size=data.image_size, tokenizer_size=data.tokenizer_size,
       tokenizer_resize=data.tokenizer_resize, color_jitter=data.color_jitter, mean_std=mean_std(data.mean_std),
-      scale=tuple(data.crop_scale), **_views(data))
+      scale=tuple(data.crop_scale), resize=data.get("resize", "host"),
+      canvas=data.get("crop_canvas", CROP_CANVAS), **_views(data))
   return _only("pretrain_train", train_batches(
       _split(data, split), transform, host_batch=host_batch, seed=seed, start_step=start_step, shard=shard,
       masks=masks, channels=3, **_tf_data(data)), data)

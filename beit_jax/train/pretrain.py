@@ -45,7 +45,7 @@ def train_step(state, batch, tok_state, *, graphdef, tok_graphdef, tx, lr_fn, nu
                views=None):
   """`views(batch)` (views_of(config); None: float views as they are): the host's views as the model and the
   tokenizer take them (data.uint8: normalised here, on the device; data.tokenizer_view="device": the tokenizer
-  view resized here from the model view)."""
+  view resized here from the model view; data.resize="device": both views made here from the host's crop)."""
   batch = views(batch) if views is not None else batch
   tok = nnx.merge(tok_graphdef, tok_state)
   ids = jax.lax.stop_gradient(tok.encode(batch["tokenizer_image"]))
@@ -148,7 +148,8 @@ def create_state(config: ml_collections.ConfigDict, cfg: models.BeitConfig, mesh
 def batch_spec(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], Any]]:
   """The global batch train_step takes, key -> (shape, dtype): what pipelines.pretrain_train yields (its
   KEYS["pretrain_train"]) and what compile_for compiles the step for. data.uint8: the views leave the host as
-  uint8 (4x less to transfer); data.tokenizer_view="device": no tokenizer view from the host at all."""
+  uint8 (4x less to transfer); data.tokenizer_view="device": no tokenizer view from the host at all;
+  data.resize="device": the uint8 crop and its augmentation's draws instead of the views."""
   d, b = config.data, config.batch_size
   dtype = jnp.uint8 if d.get("uint8", False) else jnp.float32
   spec = {"image": ((b, d.image_size, d.image_size, 3), dtype),
@@ -156,6 +157,11 @@ def batch_spec(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> dict
           "mask": ((b, *grid), jnp.bool_)}
   if d.get("tokenizer_view", "host") == "device":
     del spec["tokenizer_image"]
+  if d.get("resize", "host") == "device":  # the crop and its draws instead of the views (pipelines.pretrain_transform)
+    del spec["image"], spec["tokenizer_image"]
+    canvas = d.get("crop_canvas", device.CROP_CANVAS)
+    spec = {"crop": ((b, canvas, canvas, 3), jnp.uint8), "crop_size": ((b, 2), jnp.int32), "flip": ((b,), jnp.bool_),
+            "jitter": ((b, 3), jnp.float32), "jitter_order": ((b, 3), jnp.int32), **spec}
   return spec
 
 
@@ -163,7 +169,7 @@ def views_of(config: ml_collections.ConfigDict):
   """The step's `views`: device.pretrain_inputs with the config's normalisation and tokenizer view."""
   d = config.data
   return functools.partial(device.pretrain_inputs, mean_std=d.mean_std, tokenizer_size=d.tokenizer_size,
-                           tokenizer_resize=d.tokenizer_resize)
+                           tokenizer_resize=d.tokenizer_resize, image_size=d.image_size)
 
 
 def jit_train_step(config, mesh, state, graphdef, tok_graphdef, tx, lr_fn, num_predict: int):
