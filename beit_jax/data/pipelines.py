@@ -244,10 +244,11 @@ def _bad_keys(batch: Example) -> Example:
           "skipped": tf.fill(tf.shape(bad), tf.reduce_sum(tf.cast(bad, tf.int32)))}
 
 
-def _record_bad(batch: dict[str, np.ndarray], source: Source, record: _bad_files.BadFiles, where: str):
+def _record_bad(batch: dict[str, np.ndarray], source: Source, record: _bad_files.BadFiles, where: str,
+                step: Optional[int] = None):
   bad = batch["bad"]
   if bad.any():
-    record.add([source.describe(i) for i in batch["file_index"][bad]], where)
+    record.add([source.describe(i) for i in batch["file_index"][bad]], where, step)
 
 
 # -- per-example transforms -----------------------------------------------------------------------------------
@@ -528,7 +529,7 @@ def train_batches(source: Source, transform: Transform, *, host_batch: int, seed
     ds = ds.map(lambda b, e=epoch: {**b, "epoch": tf.fill([host_batch], tf.constant(e, tf.int32))})
     ds = ds.with_options(_options(threads, ram_budget_mb)).prefetch(prefetch)
     for step, batch in enumerate(tfds.as_numpy(ds), offset):
-      _record_bad(batch, source, record, f"training epoch {epoch}")
+      _record_bad(batch, source, record, f"training epoch {epoch}", step=epoch * spe + step + 1)
       if batch["bad"].all():
         raise ValueError(f"step {epoch * spe + step} (epoch {epoch}) on host {shard.index}: all {host_batch} files "
                          f"of its batch fail to decode, e.g. {source.describe(batch['file_index'][0])}: "

@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from beit_jax import model_files
+from beit_jax.data import bad_files
 
 
 def _is_key(x) -> bool:
@@ -159,8 +160,9 @@ class TrainCheckpoints:
 
 def resume(workdir, config, state, total_steps: int):
   """The run's checkpoint manager (workdir/checkpoints, keeping config.keep_checkpoints), the state restored
-  from its newest checkpoint (or `state` as given), and the step to go on from. A checkpoint past this config's
-  end belongs to another run: an error, never a silent skip."""
+  from its newest checkpoint (or `state` as given), and the step to go on from; the record of undecodable files
+  (data/bad_files.py) as of that step. A checkpoint past this config's end belongs to another run: an error,
+  never a silent skip."""
   ckpts = TrainCheckpoints(pathlib.Path(workdir) / "checkpoints", keep=config.get("keep_checkpoints", 3))
   ckpts.lock(pathlib.Path(workdir))
   try:
@@ -168,9 +170,15 @@ def resume(workdir, config, state, total_steps: int):
   except Exception:
     ckpts.close()
     raise
+  # This process's record of undecodable files starts as of the checkpoint (empty for a new run): the pipeline
+  # meets again what it read past that step. The checkpoint holds the primary process's record only.
+  snapshot = {"names": [], "rows": 0, "step": 0}
   if restored is not None:
     state, meta = restored
     logging.info("resumed from %s at step %d", ckpts.directory, meta["step"])
+    if jax.process_index() == 0 and "bad_files" in meta:
+      snapshot = meta["bad_files"]
+  bad_files.SEEN.restore(snapshot)
   start = int(jax.device_get(state["step"]))
   if start > total_steps:
     ckpts.close()

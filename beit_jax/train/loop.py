@@ -45,14 +45,14 @@ def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, st
           metrics.check_finite(state, ckpts.latest_step())
           last = metrics.mean_of(history)
           if bad_files.SEEN.count:  # undecodable files the pipelines met (each named in the log once, as met)
-            last.update(bad_files.SEEN.metrics())
+            last.update(bad_files.SEEN.metrics(step))
           history = []
           writer.write_scalars(step, last)
           logging.info("%s", progress.line(step, last))
         if after_step is not None:
           last.update(after_step(step, state) or {})
         if step % config.ckpt_every == 0 or step == steps or stop:
-          ckpts.save(step, state, meta(step))
+          ckpts.save(step, state, {**meta(step), "bad_files": bad_files.SEEN.snapshot(step)})
         if stop:
           logging.warning("SIGTERM: stopped after the checkpoint of step %d of %d", step, steps)
           break
