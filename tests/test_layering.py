@@ -61,3 +61,23 @@ def test_nothing_in_the_package_imports_the_experiment_drivers():
   offenders = {str(f.relative_to(PACKAGE)): up for f in files
                if (up := sorted(m for m in imported_modules(f) if m.startswith("beit_jax.experiments")))}
   assert len(files) > 40 and not offenders, offenders
+
+
+def test_importing_the_package_starts_no_jax_backend():
+  """A multi-process run calls jax.distributed.initialize after its imports: a module that makes a jax array at
+  import (a jnp constant) would start the backend first, single-process, and the processes hang at their first
+  collective (it happened: a jnp constant in data/device.py). Every module under beit_jax/ except the entry
+  points (main and compile_for define the same flags) is imported in a fresh process, then the backend is asked."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(beit_jax.__file__).parent
+  names = sorted("beit_jax." + ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+                 for p in root.rglob("*.py") if p.stem not in ("main", "compile_for", "__main__")
+                 and "configs" not in p.relative_to(root).parts)
+  code = ("import importlib, sys\n"
+          f"for n in {names!r}:\n  importlib.import_module(n)\n"
+          "from jax._src import xla_bridge\n"
+          "print('started' if xla_bridge.backends_are_initialized() else 'not started')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+  print(len(names), "modules imported:", out.stdout.strip())
+  assert out.stdout.strip().splitlines()[-1] == "not started"

@@ -114,7 +114,9 @@ def resize_crops(crops: jax.Array, sizes: jax.Array, size: int, method: str) -> 
   return jnp.clip(x, 0.0, 1.0)
 
 
-_GRAY = jnp.asarray((0.299, 0.587, 0.114), jnp.float32)  # augment._GRAY: PIL's L
+# augment._GRAY: PIL's L. numpy, not jnp: a jax array made at import would start the backend before a multi-process
+# run's jax.distributed.initialize.
+_GRAY = np.asarray((0.299, 0.587, 0.114), np.float32)
 
 
 def color_jitter(views: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
