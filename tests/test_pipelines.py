@@ -580,7 +580,7 @@ def test_crops_resized_on_device_equal_the_host_views(imagenet_jpegs):
       assert "image" not in c and c["crop"].dtype == np.uint8 and c["crop_size"].dtype == np.int32
       for k in ("mask", "index", "label"):
         np.testing.assert_array_equal(f[k], c[k])
-      got = inputs({k: c[k] for k in (*pipelines.DEVICE_RESIZE_KEYS, "mask")})
+      got = inputs({k: c[k] for k in (*device.CROP_KEYS, "mask")})
       np.testing.assert_array_equal(got["mask"], f["mask"])
       out["image"].append(np.abs(np.asarray(got["image"]) - f["image"]) * 0.5)
       out["tokenizer_image"].append(np.abs(np.asarray(got["tokenizer_image"]) - f["tokenizer_image"]))
@@ -593,7 +593,7 @@ def test_crops_resized_on_device_equal_the_host_views(imagenet_jpegs):
         + ", ".join(f"{k} {v.max():.1e}" for k, v in d.items()))
   assert max(v.max() for v in d.values()) <= 1e-4
   for c, half in zip(crops[:1], [make(steps=2, host_batch=2, uint8=True, resize="device")]):
-    for k in pipelines.DEVICE_RESIZE_KEYS:
+    for k in device.CROP_KEYS:
       np.testing.assert_array_equal(c[k], np.concatenate([h[k] for h in half]), err_msg=k)
 
   small = make(uint8=True, resize="device", canvas=256)

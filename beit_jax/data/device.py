@@ -69,6 +69,10 @@ def resize_view(images: jax.Array, size: int, method: str = "lanczos3") -> jax.A
 # data.crop_canvas's default: the side of the square the host pads each crop into. It holds every crop of an
 # image up to 512 px whole, ImageNet's common 500 x 375 and 375 x 500 included (a crop can be the whole image).
 CROP_CANVAS = 512
+# What the host sends in place of pre-training's views (pipelines.pretrain_transform): crop_views' inputs.
+CROP_KEYS = ("crop", "crop_size", "flip", "jitter", "jitter_order")
+
+
 def _keys_cubic(x):
   """Keys' cubic convolution kernel, a = -0.5 (TensorFlow's and PIL's "bicubic"), of |x|."""
   a = -0.5
@@ -160,9 +164,8 @@ def pretrain_inputs(batch: dict, mean_std, tokenizer_size: Optional[int] = None,
     if image_size is None or tokenizer_size is None:
       raise ValueError("the batch has crops (data.resize='device'): pass image_size and tokenizer_size")
     image, tok = crop_views(batch, image_size, tokenizer_size, tokenizer_resize)
-    rest = {k: v for k, v in batch.items() if k not in ("crop", "crop_size", "flip", "jitter", "jitter_order")}
-    mean, std = (jnp.asarray(v, jnp.float32) for v in mean_std)
-    return {**rest, "image": (image - mean) / std, "tokenizer_image": tok}
+    rest = {k: v for k, v in batch.items() if k not in CROP_KEYS}
+    return {**rest, "image": normalize(image, *mean_std), "tokenizer_image": tok}
   image = batch["image"]
   if image.dtype != jnp.uint8:
     return batch

@@ -278,7 +278,6 @@ def _check_views(uint8: bool, tokenizer_view: str):
 
 
 RESIZES = ("host", "device")
-CROP_CANVAS = device.CROP_CANVAS
 
 
 def _check_resize(resize: str, uint8: bool, tokenizer_view: str, canvas: int, image_size: int):
@@ -298,7 +297,7 @@ def pretrain_transform(*, seed: int, image_size: int = 224, tokenizer_size: int 
                        tokenizer_resize: str = "lanczos3", color_jitter: float = 0.4,
                        mean_std=INCEPTION, scale=(0.08, 1.0), uint8: bool = False,
                        tokenizer_view: str = "host", resize: str = "host",
-                       canvas: int = CROP_CANVAS) -> Cropped:
+                       canvas: int = device.CROP_CANVAS) -> Cropped:
   """BEiT pre-training: ONE random-resized crop, colour jitter and flip of the crop, resized twice.
 
   "image": the model view (image_size, bicubic, normalised); "tokenizer_image": the tokenizer view
@@ -688,7 +687,7 @@ def _split(data: Data, split: str | Source, make: Callable[[Data, str], Source] 
 
 def keys_of(mode: str, data: Optional[Data] = None) -> tuple[str, ...]:
   """The keys of `mode`'s batches (KEYS[mode]) under config.data's view options: pre-training's without
-  "tokenizer_image" when data.tokenizer_view is "device", with DEVICE_RESIZE_KEYS instead of both views when
+  "tokenizer_image" when data.tokenizer_view is "device", with device.CROP_KEYS instead of both views when
   data.resize is "device"; fine-tuning's with "erase" (random erasing's rectangles) when data.uint8 and
   data.augment.erase_prob > 0."""
   keys = KEYS[mode]
@@ -697,14 +696,10 @@ def keys_of(mode: str, data: Optional[Data] = None) -> tuple[str, ...]:
   if mode.startswith("pretrain") and _views(data)["tokenizer_view"] == "device":
     keys = tuple(k for k in keys if k != "tokenizer_image")
   if mode == "pretrain_train" and data.get("resize", "host") == "device":
-    keys = (*DEVICE_RESIZE_KEYS, *(k for k in keys if k not in ("image", "tokenizer_image")))
+    keys = (*device.CROP_KEYS, *(k for k in keys if k not in ("image", "tokenizer_image")))
   if mode == "classification_train" and _views(data)["uint8"] and data.augment.erase_prob > 0:
     keys = (*keys, "erase")
   return keys
-
-
-# Pre-training's batch keys in place of its views with data.resize="device" (pretrain_transform).
-DEVICE_RESIZE_KEYS = ("crop", "crop_size", "flip", "jitter", "jitter_order")
 
 
 def _only(mode: str, batches: Iterator[dict[str, np.ndarray]], data: Optional[Data] = None
@@ -729,7 +724,7 @@ def pretrain_train(data: Data, split: str | Source, *, host_batch: int, seed: in
       seed=seed, image_size=data.image_size, tokenizer_size=data.tokenizer_size,
       tokenizer_resize=data.tokenizer_resize, color_jitter=data.color_jitter, mean_std=mean_std(data.mean_std),
       scale=tuple(data.crop_scale), resize=data.get("resize", "host"),
-      canvas=data.get("crop_canvas", CROP_CANVAS), **_views(data))
+      canvas=data.get("crop_canvas", device.CROP_CANVAS), **_views(data))
   return _only("pretrain_train", train_batches(
       _split(data, split), transform, host_batch=host_batch, seed=seed, start_step=start_step, shard=shard,
       masks=masks, channels=3, **_tf_data(data)), data)

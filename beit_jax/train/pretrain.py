@@ -151,17 +151,16 @@ def batch_spec(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> dict
   uint8 (4x less to transfer); data.tokenizer_view="device": no tokenizer view from the host at all;
   data.resize="device": the uint8 crop and its augmentation's draws instead of the views."""
   d, b = config.data, config.batch_size
+  mask = {"mask": ((b, *grid), jnp.bool_)}
+  if d.get("resize", "host") == "device":  # the crop and its draws instead of the views (pipelines.pretrain_transform)
+    canvas = d.get("crop_canvas", device.CROP_CANVAS)
+    return {"crop": ((b, canvas, canvas, 3), jnp.uint8), "crop_size": ((b, 2), jnp.int32), "flip": ((b,), jnp.bool_),
+            "jitter": ((b, 3), jnp.float32), "jitter_order": ((b, 3), jnp.int32), **mask}
   dtype = jnp.uint8 if d.get("uint8", False) else jnp.float32
   spec = {"image": ((b, d.image_size, d.image_size, 3), dtype),
-          "tokenizer_image": ((b, d.tokenizer_size, d.tokenizer_size, 3), dtype),
-          "mask": ((b, *grid), jnp.bool_)}
+          "tokenizer_image": ((b, d.tokenizer_size, d.tokenizer_size, 3), dtype), **mask}
   if d.get("tokenizer_view", "host") == "device":
     del spec["tokenizer_image"]
-  if d.get("resize", "host") == "device":  # the crop and its draws instead of the views (pipelines.pretrain_transform)
-    del spec["image"], spec["tokenizer_image"]
-    canvas = d.get("crop_canvas", device.CROP_CANVAS)
-    spec = {"crop": ((b, canvas, canvas, 3), jnp.uint8), "crop_size": ((b, 2), jnp.int32), "flip": ((b,), jnp.bool_),
-            "jitter": ((b, 3), jnp.float32), "jitter_order": ((b, 3), jnp.int32), **spec}
   return spec
 
 
