@@ -16,8 +16,8 @@ one):
        supervised  from random init, compute-matched: the fine-tuning steps plus as many steps of the same batch
                    as the pre-training saw images (pre-training steps x its batch / the fine-tuning batch)
        beit        from model 2;   peco   from model 4
-     The arms from random init start their head at the normal init scale (the 0.001 of BEiT's recipe protects a
-     pre-trained trunk; from scratch it only delays learning) and learn at the full rate in every layer.
+     The arms from random init learn at the full rate in every layer (layer decay protects a pre-trained trunk;
+     from scratch it only slows the layers that most need to learn).
   6. floors that need no pre-training: the linear probe of a randomly initialised model and a logistic
      regression on raw pixels; and the linear probes (best block) of models 2 and 4, each a logistic regression
      per block on the frozen features of every training image, run to convergence (whitened, full-batch L-BFGS).
@@ -165,9 +165,8 @@ class Chain:
     c = configs.load("fmnist_finetune", init)
     c.seed = seed
     c.data.split, c.eval_split = labelled_split(fraction, seed), self.scale.eval_split
-    if not init:  # nothing pre-trained to protect: every layer at the full rate, the head at its normal init
+    if not init:  # nothing pre-trained to protect: every layer at the full rate
       c.optim.layer_decay = 1.0
-      c.model.overrides = {**dict(c.model.overrides), "head_init_scale": 1.0}
     c = with_steps(c, self.scale.finetune_steps[fraction] + extra_steps)
     if seed == self.scale.seeds[0]:  # the learning curve of the figure
       c.eval_every, c.eval_every_split = max(1, c.total_steps // self.scale.curve_points), self.scale.curve_split
