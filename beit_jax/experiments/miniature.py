@@ -391,9 +391,13 @@ def check(results: dict[str, dict[str, Any]], scale: Scale) -> dict[str, dict[st
       gap, spread = 100 * (peco.mean() - beit.mean()), 100 * (peco.std() + beit.std())
       wins.append((f, gap, gap > spread))
   if wins:
-    out["papers_peco"] = {"passed": all(w for _, _, w in wins),
+    # One seed has no spread: any gap would be "beyond" it, so a single-seed chain (the demo) reports the gap
+    # and leaves the claim to a multi-seed run.
+    one_seed = len(seeds) < 2
+    out["papers_peco"] = {"passed": all(w for _, _, w in wins) and not one_seed,
                           "text": "(papers' claim) PeCo above BEiT beyond the spread: "
-                                  + ", ".join(f"{f:.0%} {g:+.1f}" for f, g, _ in wins)}
+                                  + ", ".join(f"{f:.0%} {g:+.1f}" for f, g, _ in wins)
+                                  + (" (one seed: no spread measured, not shown)" if one_seed else "")}
   return out
 
 
