@@ -123,6 +123,9 @@ def test_checks_pass_and_fail_on_the_figures_they_name():
   demo = miniature.check(_results([0.50], [0.60], [0.63], [0.40], [0.55]), miniature.SCALES["demo"])
   assert not demo["papers_peco"]["passed"] and "+3.0" in demo["papers_peco"]["text"], demo["papers_peco"]
   assert "one seed" in demo["papers_peco"]["text"]
+  # The 5-point bar still decides "pays" on one seed, and its line says the spread was not measured.
+  assert demo["pays"]["passed"] and "one seed" in demo["pays"]["text"], demo["pays"]
+  assert "one seed" not in good["pays"]["text"]
 
 
 def test_a_stage_stopped_by_sigterm_is_not_recorded(tmp_path):
