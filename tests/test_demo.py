@@ -144,6 +144,17 @@ def test_checks_pass_and_fail_on_the_figures_they_name():
   assert "one seed" not in good["pays"]["text"]
 
 
+def test_a_stage_recorded_with_other_steps_is_an_error_not_a_result(tmp_path):
+  """Stages are known by name ("beit_finetune_1_seed0"): after a scale's steps change, a rerun in the old workdir
+  must not return the old run's figures as the new one's."""
+  chain = miniature.Chain(str(tmp_path), miniature.SCALES["demo"])
+  chain.results["beit_pretrain"] = {"eval_mlm_acc": 0.4, "steps": 720}
+  c = miniature.with_steps(configs.load("fmnist_pretrain"), 720)
+  assert chain.stage("beit_pretrain", c)["eval_mlm_acc"] == 0.4
+  with pytest.raises(ValueError, match=r"'beit_pretrain' was recorded with 720 steps.*1200.*--workdir"):
+    chain.stage("beit_pretrain", miniature.with_steps(c, 1200))
+
+
 def test_a_stage_stopped_by_sigterm_is_not_recorded(tmp_path):
   """SIGTERM mid-stage: the loop checkpoints and returns early; the chain must stop there and record nothing,
   so that the rerun resumes that stage instead of skipping it as done."""

@@ -119,8 +119,13 @@ class Chain:
 
   def stage(self, name: str, config) -> dict[str, Any]:
     """The metrics of the run `name` (config), run now unless an earlier run of the chain recorded them; with
-    the run's learning curve ("curve": [(examples seen, held-out top-1), ...]) where it wrote one."""
+    the run's learning curve ("curve": [(examples seen, held-out top-1), ...]) where it wrote one. A stage is
+    known by its name alone, so a record of another length (a scale edited since) is an error, not a result."""
     if name in self.results:
+      recorded = self.results[name].get("steps", config.total_steps)  # records from before "steps": trusted
+      if recorded != config.total_steps:
+        raise ValueError(f"{self.work / 'results.json'}: stage {name!r} was recorded with {recorded} steps, this "
+                         f"chain asks for {config.total_steps}: another scale's results; use a new --workdir")
       return self.results[name]
     from beit_jax.train import metrics as train_metrics  # pylint: disable=import-outside-toplevel
     t = time.time()
@@ -130,7 +135,7 @@ class Chain:
       self.log(f"{name} stopped at step {done} of {config.total_steps}; rerun the same command to resume")
       raise SystemExit(1)
     metrics = {k: float(v) for k, v in out["metrics"].items() if np.isscalar(v)}
-    metrics["seconds"] = time.time() - t
+    metrics["seconds"], metrics["steps"] = time.time() - t, config.total_steps
     history = train_metrics.read_history(self.work / name)
     if history:
       metrics["curve"] = [(h["examples"], h["top1"]) for h in history]
