@@ -68,19 +68,23 @@ def draw_masked_predictions(path, arms: Mapping[str, dict], tokenizer_images, ma
 
 
 def draw_curves(path, panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], *,
-                floors: Mapping[str, float] | None = None, pretrain_images: float = 0.0, ylabel: str = "") -> None:
+                floors: Mapping[str, float] | None = None, pretrain_images: float = 0.0, ylabel: str = "") -> dict:
   """One panel per key of `panels` (e.g. a label fraction), one line per arm: (training images seen, held-out
   top-1) points. `floors[panel]` draws a dashed reference (the pixel logistic regression); `pretrain_images`
-  marks where the pre-trained arms' fine-tuning starts."""
+  marks where the pre-trained arms' fine-tuning starts. An arm's colour is fixed by its place in the panel's
+  arms, drawn or not (an arm with no points still takes its colour), so one arm has one colour in every figure
+  of a chain, the demo's (no supervised arm) and the full run's alike. Returns {arm: colour}."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  colours = {}
   for ax, (name, arms) in zip(axes[0], panels.items()):
-    for arm, points in arms.items():
+    for k, (arm, points) in enumerate(arms.items()):
+      colours[arm] = f"C{k}"
       if points:
         x, y = zip(*points)
-        ax.plot(x, 100 * np.asarray(y), marker="o", markersize=3, label=arm)
+        ax.plot(x, 100 * np.asarray(y), marker="o", markersize=3, label=arm, color=colours[arm])
     if floors and name in floors:
       ax.axhline(100 * floors[name], color="k", linestyle="--", linewidth=1, label="logistic regression on pixels")
     if pretrain_images:
@@ -94,6 +98,7 @@ def draw_curves(path, panels: Mapping[str, Mapping[str, Sequence[tuple[float, fl
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return colours
 
 
 def save_path(workdir, name: str) -> pathlib.Path:

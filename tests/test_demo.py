@@ -144,6 +144,17 @@ def test_checks_pass_and_fail_on_the_figures_they_name():
   assert "one seed" not in good["pays"]["text"]
 
 
+def test_an_arm_has_one_colour_in_the_demos_and_the_full_runs_curves(tmp_path):
+  """The demo has no supervised arm: its curves once took the colour cycle from the next arm on, so BEiT was
+  orange in the demo's figure and green in the full run's, side by side in the README."""
+  from beit_jax import figures  # pylint: disable=import-outside-toplevel
+  point = [(1.0, 0.5), (2.0, 0.6)]
+  arms = {label: point for label in miniature.FINETUNE_ARMS}
+  full = figures.draw_curves(tmp_path / "full.png", {"1%": arms})
+  demo = figures.draw_curves(tmp_path / "demo.png", {"1%": {**arms, "supervised (compute-matched)": []}})
+  assert full == demo and len(set(full.values())) == len(arms) and (tmp_path / "demo.png").stat().st_size > 0
+
+
 def test_a_stage_recorded_with_other_steps_is_an_error_not_a_result(tmp_path):
   """Stages are known by name ("beit_finetune_1_seed0"): after a scale's steps change, a rerun in the old workdir
   must not return the old run's figures as the new one's."""
