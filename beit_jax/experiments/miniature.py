@@ -234,7 +234,8 @@ def pixel_logistic_regression(split: str, seed: int, eval_splits=("test",), step
 
   def top1(eval_split):
     xt, yt = arrays(eval_split)
-    return float(np.mean(np.argmax((xt - mean) / std @ np.asarray(params[0]) + np.asarray(params[1]), -1) == yt))
+    logits = ((xt - mean) / std) @ np.asarray(params[0]) + np.asarray(params[1])  # the training split's scaling
+    return float(np.mean(np.argmax(logits, -1) == yt))
   return tuple(top1(e) for e in eval_splits)
 
 
