@@ -170,6 +170,47 @@ def measure(step, args, batch: int) -> dict:
           "peak_rss_mib": max(before, step_peak or 0.0), "step_peak_rss_mib": step_peak}
 
 
+def _op_kind(name: str) -> str:
+  """An XLA op's kind: its HLO name without the instruction number (`copy_bitcast_fusion.36` ->
+  `copy_bitcast_fusion`), so the 40 transposes of one kind add up to one line."""
+  return re.sub(r"(\.\d+)+$", "", name)
+
+
+def profile_ops(framework: str, step, n: int, top: int = 12) -> list[tuple[str, float, int]]:
+  """`n` more steps under the framework's profiler: the `top` op kinds by time, as (kind, ms per step, ops per
+  step). CPU only (on a GPU, xprof or nsys see the kernels). Ours: the XLA ops of the jax.profiler trace (thread
+  pool events, the runtime's `ThunkExecutor::...` spans and Python frames are left out: they contain the ops);
+  the peer: torch.profiler's self CPU time per aten op. Both add every op's time, on whichever thread it ran."""
+  import collections
+  totals, counts = collections.Counter(), collections.Counter()
+  if framework == "jax":
+    import glob
+    import gzip
+    import jax
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d, create_perfetto_trace=True):
+        for _ in range(n):
+          step()
+      [trace] = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+      with gzip.open(trace) as f:
+        events = json.load(f)
+    for e in events["traceEvents"] if isinstance(events, dict) else events:
+      name = e.get("name", "")
+      if e.get("ph") == "X" and "dur" in e and not name.startswith("$") and "::" not in name and "(" not in name:
+        totals[_op_kind(name)] += e["dur"] / 1e3
+        counts[_op_kind(name)] += 1
+  else:
+    import torch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+      for _ in range(n):
+        step()
+    for a in prof.key_averages():
+      if a.self_cpu_time_total > 0 and a.key.startswith("aten::"):
+        totals[a.key] += a.self_cpu_time_total / 1e3
+        counts[a.key] += a.count
+  return [(k, v / n, counts[k] // n) for k, v in totals.most_common(top)]
+
+
 def matmul_peak_tflops(dtype: str, gpu: bool) -> float:
   """What one large matmul reaches here: the MFU denominator measured in the same run (on an H100 a bf16
   8192^3 product runs at ~790 TFLOP/s, the figure the targets use)."""
@@ -214,6 +255,8 @@ def run_jax(args, step_name: str, build, batch: int) -> dict:
 
   result = {"framework": "jax", "step": step_name, "batch": batch, "dtype": args.dtype, "compile_s": compile_s,
             **measure(step, args, batch)}
+  if args.profile:
+    result["ops"] = profile_ops("jax", step, args.profile)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
@@ -270,6 +313,8 @@ def run_torch(args, step_name: str, build, batch: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
   result = {"framework": "torch", "step": step_name, "batch": batch, "dtype": args.dtype, "compile_s": None,
             "torch_compile": args.torch_compile, **measure(step, args, batch)}
+  if args.profile:
+    result["ops"] = profile_ops("torch", step, args.profile)
   if gpu:
     result["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
   return result
@@ -330,6 +375,11 @@ def print_report(info: dict, args, results: list[dict]):
             + ", ".join(f"{k} {v:.0f}" for k, v in x.items()) + " MiB")
     if "images_per_s" in ours and "images_per_s" in peer:
       print(f"  {'':<14}ours / peer: {ours['images_per_s'] / peer['images_per_s']:.2f}x images/s")
+    for name, r in rows.items():
+      if r.get("ops"):
+        print(f"  {'':<14}{name}: op time per step under the profiler (--profile {args.profile}), by kind:")
+        for kind, ms, count in r["ops"]:
+          print(f"  {'':<16}{ms:9.2f} ms  x{count:<5d} {kind}")
 
 
 def write_json(path: str, info: dict, args, results: list[dict]):

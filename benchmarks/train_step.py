@@ -4,6 +4,7 @@ r"""Training-step throughput, MFU and peak memory: beit_jax's real train steps v
   python benchmarks/train_step.py --steps=pretrain --batch=256      # on a GPU: bf16, torch.compile on
   python benchmarks/train_step.py --steps=finetune --frameworks=jax --remat=dots --batch=512
   taskset -c 1 python benchmarks/train_step.py --timed=3 --warmup=1  # one core: compare the 'cpu s' column
+  python benchmarks/train_step.py --steps=miniature --profile=5       # and where each side's step time goes
   sh benchmarks/gpu.sh                                              # the GPU figures of BENCHMARKS.md
 
 The steps (synthetic batches of the real shapes, so that no TensorFlow or data set is needed):
@@ -83,6 +84,9 @@ def parse_args(argv=None):
                  "a BEiT-B backward takes minutes on 2 cores)")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="the MFU denominator; 0: a matmul measured here")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS in the JAX subprocess")
+  p.add_argument("--profile", type=int, default=0,
+                 help="after the timed steps, profile this many more and print each framework's top op kinds "
+                 "(CPU only; where a step's time goes, the timings above stay unprofiled)")
   p.add_argument("--json", default="", help="also write the results here")
   p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: FRAMEWORK:STEP
   p.add_argument("--result_file", help=argparse.SUPPRESS)
@@ -95,6 +99,8 @@ def parse_args(argv=None):
     args.dtype = "bfloat16" if args.device == "gpu" else "float32"
   if args.torch_compile == "auto":
     args.torch_compile = "on" if args.device == "gpu" else "off"
+  if args.profile and args.device == "gpu":
+    p.error("--profile is for CPU runs: on a GPU, xprof (jax.profiler) or nsys see the kernels")
   return args
 
 
