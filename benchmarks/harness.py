@@ -197,8 +197,9 @@ def profile_ops(framework: str, step, n: int, top: int = 12) -> list[tuple[str, 
     for e in events["traceEvents"] if isinstance(events, dict) else events:
       name = e.get("name", "")
       if e.get("ph") == "X" and "dur" in e and not name.startswith("$") and "::" not in name and "(" not in name:
-        totals[_op_kind(name)] += e["dur"] / 1e3
-        counts[_op_kind(name)] += 1
+        kind = _op_kind(name)
+        totals[kind] += e["dur"] / 1e3
+        counts[kind] += 1
   else:
     import torch
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
