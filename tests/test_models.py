@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from beit_jax import models
-from beit_jax.models import BeitConfig
+from beit_jax.models import BeitConfig, layers
 
 PRETRAIN = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, vocab_size=64, use_mask_token=True,
                 init_style="pretrain")
@@ -135,18 +135,51 @@ def test_every_param_has_logical_axes():
     assert axes is not None and len(axes) == var.ndim, (path, axes, var.shape)
 
 
+TP_RULES = [("mlp", "model"), ("heads", "model"), ("vocab", "model"), ("embed", None), ("head_dim", None),
+            ("relpos", None), ("patch", None), ("channels", None), ("classes", None)]
+
+
+def tp_mesh():
+  return jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
 def test_sharded_creation_on_a_mesh():
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-  rules = [("mlp", "model"), ("heads", "model"), ("vocab", "model"), ("embed", None), ("head_dim", None),
-           ("relpos", None), ("patch", None), ("channels", None), ("classes", None)]
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+  mesh = tp_mesh()
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(TP_RULES):
     model = models.create_model("beit_test_tiny", **PRETRAIN)
     assert model.blocks[0].mlp.fc1.kernel[...].sharding.spec == P(None, "model")
-    assert model.blocks[0].attn.qkv[...].sharding.spec == P(None, None, "model", None)
+    assert model.blocks[0].attn.qkv[...].sharding.spec == P(None, None, "model", None)  # [3, D, H, Dh]
     x = jax.device_put(x_nhwc(batch=8), jax.NamedSharding(mesh, P("data")))
     out = jax.jit(lambda m, x: m(x, bool_masked_pos=jnp.zeros((8, 16), bool)))(model, x)
   ref = models.create_model("beit_test_tiny", **PRETRAIN)(np.asarray(x), bool_masked_pos=np.zeros((8, 16), bool))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_tensor_parallel_gradient_gathers_nothing():
+  # Megatron-style heads/MLP sharding needs only all-reduces. A kernel reshaped so that its sharded head axis
+  # is no longer the major one (e.g. q, k, v fused into one [D, 3*H*Dh] matmul) makes GSPMD all-gather it:
+  # 4 all-gathers here when this was tried.
+  mesh = tp_mesh()
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(TP_RULES):
+    graphdef, params, rest = nnx.split(models.create_model("beit_test_tiny", num_classes=10), nnx.Param, ...)
+    x = jax.device_put(x_nhwc(batch=8), jax.NamedSharding(mesh, P("data")))
+    hlo = jax.jit(jax.grad(lambda p, x: nnx.merge(graphdef, p, rest)(x).sum())).lower(params, x).compile().as_text()
+  assert " all-reduce(" in hlo or " all-reduce-start(" in hlo
+  assert " all-gather(" not in hlo and " all-gather-start(" not in hlo
+
+
+def test_gelu_is_the_exact_one():
+  x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jnp.asarray([0.0, -0.5, 3.0])])
+  ours, ref = layers.gelu(x), jax.nn.gelu(x, approximate=False)
+  # 1 + erf(x) cancels in the negative tail (0 below x ~ -5.4, where erfc keeps ~1e-7): torch has the same.
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(layers.gelu))(x)),
+                             np.asarray(jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x)),
+                             rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(ours) - np.asarray(jax.nn.gelu(x, approximate=True))).max() > 1e-4  # not tanh's
+  bf16 = layers.gelu(x.astype(jnp.bfloat16))
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf16, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
 
 
 def test_config_errors_name_the_field():

@@ -208,12 +208,13 @@ def _linear_out(x, cfg):
   return x.T
 
 
-def _qkv_in(x, cfg):  # [3D, D] -> [D, 3, H, Dh]
-  return x.T.reshape(cfg.width, 3, cfg.num_heads, cfg.width // cfg.num_heads)
+def _qkv_in(x, cfg):  # [3D, D] (out, in) -> [3, D, H, Dh]
+  return x.reshape(3, cfg.width, cfg.width).transpose(0, 2, 1).reshape(
+      3, cfg.width, cfg.num_heads, cfg.width // cfg.num_heads)
 
 
 def _qkv_out(x, cfg):
-  return x.reshape(cfg.width, 3 * cfg.width).T
+  return x.reshape(3, cfg.width, cfg.width).transpose(0, 2, 1).reshape(3 * cfg.width, cfg.width)
 
 
 def _heads_in(x, cfg):  # [D] -> [H, Dh]

@@ -155,7 +155,11 @@ class Attention(nnx.Module):
     self.scale = hd ** -0.5
     self.impl = cfg.attention_impl
     w_init = _weight_init(cfg)
-    self.qkv = layers.param(rngs, w_init, (d, 3, h, hd), ("embed", None, "heads", "head_dim"), pdt)
+    # q, k and v kernels stacked [3, D, H, Dh]: each one a plain [D, H*Dh] matmul whose head axis stays the
+    # major one, so a heads-sharded (tensor-parallel) kernel needs no gather. Drawn in the [D, 3, H, Dh] order of
+    # the fused kernel we had before, so a seed gives the same weights as the recorded miniature runs.
+    self.qkv = layers.param(rngs, lambda key, shape, dtype: jnp.moveaxis(w_init(key, (d, 3, h, hd), dtype), 1, 0),
+                            (3, d, h, hd), (None, "embed", "heads", "head_dim"), pdt)
     if cfg.qkv_bias:
       self.q_bias = layers.param(rngs, layers.zeros, (h, hd), ("heads", "head_dim"), pdt)
       self.v_bias = layers.param(rngs, layers.zeros, (h, hd), ("heads", "head_dim"), pdt)
@@ -170,8 +174,12 @@ class Attention(nnx.Module):
 
   def __call__(self, x, shared_bias=None):
     dt = self.dtype
-    qkv = jnp.einsum("btd,dshk->sbthk", x.astype(dt), self.qkv[...].astype(dt))
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    b, t, d = x.shape
+    _, _, h, hd = self.qkv.shape
+    # Flattened to 2-D matmuls: XLA:CPU lays out the 4-D einsums' operands with extra copies (~5% of the
+    # miniature's step, benchmarks/NOTES_model_step.md); on GPU/TPU the two forms compile alike.
+    x2, w = x.astype(dt).reshape(b * t, d), self.qkv[...].astype(dt)
+    q, k, v = ((x2 @ w[i].reshape(d, h * hd)).reshape(b, t, h, hd) for i in range(3))
     if self.q_bias is not None:
       q = q + self.q_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
@@ -183,7 +191,8 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.scale, implementation="cudnn")
     else:
       out = dot_product_attention(q, k, v, bias, self.scale)
-    return jnp.einsum("bthk,hkd->btd", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
+    out = out.reshape(b * t, h * hd) @ self.proj[...].astype(dt).reshape(h * hd, d)
+    return out.reshape(b, t, d) + self.proj_bias[...].astype(dt)
 
 
 class Mlp(nnx.Module):
@@ -197,7 +206,7 @@ class Mlp(nnx.Module):
                             param_dtype=pdt, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(layers.gelu(self.fc1(x)))
 
 
 def _run_block(block, x, shared_bias):

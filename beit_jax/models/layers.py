@@ -6,7 +6,7 @@ sharding code can map them onto a mesh with `nnx.logical_axis_rules`. Parameters
 
 Tensor layouts (what the converter maps PyTorch's to):
   patch embedding kernel  [p, p, C, D]        ("patch", "patch", "channels", "embed")
-  qkv kernel              [D, 3, H, Dh]       ("embed", None, "heads", "head_dim")
+  q/k/v kernels           [3, D, H, Dh]       (None, "embed", "heads", "head_dim")
   attention out kernel    [H, Dh, D]          ("heads", "head_dim", "embed")
   mlp kernels             [D, F] / [F, D]     ("embed", "mlp") / ("mlp", "embed")
   relative position table [R, H]              ("relpos", "heads")
@@ -105,6 +105,13 @@ class Dense(nnx.Module):
   def __call__(self, x):
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
+
+
+def gelu(x):
+  """The exact GELU x * Phi(x) in torch's erf form. jax.nn.gelu(approximate=False) writes Phi through erfc,
+  which is more accurate only where GELU is ~0 (far negative x) and whose polynomial, with its autodiff, costs
+  XLA:CPU ~4x what erf's does (~10% of the miniature's pre-training step, benchmarks/NOTES_model_step.md)."""
+  return x * (0.5 + 0.5 * jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from beit_jax.models import layers
 from beit_jax.models.beit import Beit, BeitConfig
 
 # unilm's out_indices (0-based blocks) per depth.
@@ -105,7 +106,7 @@ class Adapter(nnx.Module):
 
   def __call__(self, feats):
     f1, f2, f3, f4 = feats
-    x1 = self.up4_b(jax.nn.gelu(self.up4_bn(self.up4_a(f1)), approximate=False))
+    x1 = self.up4_b(layers.gelu(self.up4_bn(self.up4_a(f1))))
     b, h, w, c = f4.shape
     x4 = f4.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
     return [x1, self.up2(f2), f3, x4]
