@@ -9,8 +9,11 @@ its parent's); the workers import them inside the functions that need them.
 # pylint: disable=import-outside-toplevel
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
+import glob
+import gzip
 import importlib.metadata
 import json
 import os
@@ -181,11 +184,8 @@ def profile_ops(framework: str, step, n: int, top: int = 12) -> list[tuple[str, 
   step). CPU only (on a GPU, xprof or nsys see the kernels). Ours: the XLA ops of the jax.profiler trace (thread
   pool events, the runtime's `ThunkExecutor::...` spans and Python frames are left out: they contain the ops);
   the peer: torch.profiler's self CPU time per aten op. Both add every op's time, on whichever thread it ran."""
-  import collections
   totals, counts = collections.Counter(), collections.Counter()
   if framework == "jax":
-    import glob
-    import gzip
     import jax
     with tempfile.TemporaryDirectory() as d:
       with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -342,13 +342,32 @@ def run_worker(script: str, framework: str, step_name: str, argv: list[str], arg
     os.unlink(result_file)
 
 
+def median_rounds(results: list[dict]) -> list[dict]:
+  """One result per (step, framework) from --rounds runs of each: the round whose images/s is the median (the
+  lower of the middle two for an even count), carrying every round's images/s in `rounds_images_per_s`. A
+  failed round makes the whole entry that failure."""
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for r in results:
+    groups.setdefault((r["step"], r["framework"]), []).append(r)
+  out = []
+  for runs in groups.values():
+    failed = [r for r in runs if "error" in r]
+    if failed:
+      out.append(failed[0])
+      continue
+    ranked = sorted(runs, key=lambda r: r["images_per_s"])
+    out.append({**ranked[(len(ranked) - 1) // 2], "rounds_images_per_s": [r["images_per_s"] for r in runs]})
+  return out
+
+
 def _fmt(value, spec):
   width = re.match(r"\d*", spec).group()
   return f"{'-':>{width or 1}}" if value is None else format(value, spec)
 
 
 def print_report(info: dict, args, results: list[dict]):
-  print(f"\n{args.model} / {args.tokenizer}, {args.dtype}, {args.timed} timed steps after {args.warmup} warm-up, "
+  rounds = f" x {args.rounds} rounds (the median round shown)" if args.rounds > 1 else ""
+  print(f"\n{args.model} / {args.tokenizer}, {args.dtype}, {args.timed} timed steps{rounds} after {args.warmup} warm-up, "
         f"torch.compile {args.torch_compile}, ours: remat={args.remat} attention={args.attention}")
   print("  " + ", ".join(f"{k}={v}" for k, v in info.items() if v is not None))
   mem = "peak GPU MiB" if args.device == "gpu" else "step RSS MiB"
@@ -376,6 +395,12 @@ def print_report(info: dict, args, results: list[dict]):
             + ", ".join(f"{k} {v:.0f}" for k, v in x.items()) + " MiB")
     if "images_per_s" in ours and "images_per_s" in peer:
       print(f"  {'':<14}ours / peer: {ours['images_per_s'] / peer['images_per_s']:.2f}x images/s")
+      mine, theirs = ours.get("rounds_images_per_s", []), peer.get("rounds_images_per_s", [])
+      if len(mine) > 1:
+        ratios = sorted(a / b for a, b in zip(mine, theirs))
+        print(f"  {'':<14}per round (each side run back to back): "
+              + " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(mine, theirs))
+              + f" img/s; ratios {ratios[0]:.2f}-{ratios[-1]:.2f}x, median {statistics.median(ratios):.2f}x")
     for name, r in rows.items():
       if r.get("ops"):
         print(f"  {'':<14}{name}: op time per step under the profiler (--profile {args.profile}), by kind:")

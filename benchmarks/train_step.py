@@ -5,6 +5,7 @@ r"""Training-step throughput, MFU and peak memory: beit_jax's real train steps v
   python benchmarks/train_step.py --steps=finetune --frameworks=jax --remat=dots --batch=512
   taskset -c 1 python benchmarks/train_step.py --timed=3 --warmup=1  # one core: compare the 'cpu s' column
   python benchmarks/train_step.py --steps=miniature --profile=5       # and where each side's step time goes
+  python benchmarks/train_step.py --steps=miniature --timed=40 --rounds=5  # a comparison on a noisy machine
   sh benchmarks/gpu.sh                                              # the GPU figures of BENCHMARKS.md
 
 The steps (synthetic batches of the real shapes, so that no TensorFlow or data set is needed):
@@ -72,6 +73,10 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=0, help=f"per-step batch; 0: {DEFAULT_BATCH}")
   p.add_argument("--timed", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after the compile")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="run each framework this many times, alternating (jax, torch, jax, ...), and report the "
+                 "median round and every round's ratio: on a shared machine whose speed drifts by 10%% between "
+                 "minutes, one run of each side is not a comparison")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="compute dtype of both (ours: the model's dtype, params f32; torch: autocast); "
                  "auto: bfloat16 on GPU, float32 on CPU (XLA:CPU upcasts bf16 dots to f32)")
@@ -99,6 +104,8 @@ def parse_args(argv=None):
     args.dtype = "bfloat16" if args.device == "gpu" else "float32"
   if args.torch_compile == "auto":
     args.torch_compile = "on" if args.device == "gpu" else "off"
+  if args.rounds < 1:
+    p.error(f"--rounds={args.rounds}: must be at least 1")
   if args.profile and args.device == "gpu":
     p.error("--profile is for CPU runs: on a GPU, xprof (jax.profiler) or nsys see the kernels")
   return args
@@ -129,7 +136,8 @@ def main(argv=None):
       json.dump(result, f)
     return 0
   info = harness.machine_info(args.device)
-  results = [harness.run_worker(__file__, fw, s, argv, args) for s in args.steps for fw in args.frameworks]
+  results = harness.median_rounds([harness.run_worker(__file__, fw, s, argv, args)
+                                   for _ in range(args.rounds) for s in args.steps for fw in args.frameworks])
   harness.print_report(info, args, results)
   if args.json:
     harness.write_json(args.json, info, args, results)
