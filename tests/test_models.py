@@ -182,6 +182,29 @@ def test_gelu_is_the_exact_one():
   np.testing.assert_allclose(np.asarray(bf16, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
 
 
+def _autodiff_layer_norm(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps) * scale + bias
+  return y.astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_gradient_is_autodiffs(dtype):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((2, 5, 16)), dtype)
+  scale, bias = (jnp.asarray(rng.standard_normal(16), jnp.float32) for _ in range(2))
+  g = jnp.asarray(rng.standard_normal((2, 5, 16)), dtype)
+  ours, vjp = jax.vjp(lambda *a: layers.layer_norm(*a, 1e-6), x, scale, bias)
+  ref, ref_vjp = jax.vjp(lambda *a: _autodiff_layer_norm(*a, 1e-6), x, scale, bias)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert ours.dtype == dtype
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+  for name, a, b in zip(("x", "scale", "bias"), vjp(g), ref_vjp(g)):
+    assert a.dtype == b.dtype, name
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol, err_msg=name)
+
+
 def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match=r"BeitConfig\.width=30: must be divisible by num_heads=4"):
     BeitConfig(width=30, num_heads=4)

@@ -75,6 +75,35 @@ def torch_default_uniform(fan_in: int) -> Initializer:
   return init
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in f32; the result in x's dtype. The
+  gradient is the textbook closed form: autodiff of the forward gives XLA:CPU ~2x the elementwise passes over
+  the residual stream (~3% of the miniature's step, benchmarks/NOTES_model_step.md)."""
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  centred = x32 - x32.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
+  xhat = centred * rstd
+  return (xhat * scale + bias).astype(x.dtype), (xhat, rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+  del eps
+  xhat, rstd, scale = res
+  g32 = g.astype(jnp.float32)
+  leading = tuple(range(g32.ndim - 1))
+  gxhat = g32 * scale
+  dx = rstd * (gxhat - gxhat.mean(-1, keepdims=True) - xhat * (gxhat * xhat).mean(-1, keepdims=True))
+  return dx.astype(g.dtype), (g32 * xhat).sum(leading), g32.sum(leading)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis, statistics in f32 whatever the compute dtype."""
 
@@ -85,11 +114,7 @@ class LayerNorm(nnx.Module):
     self.bias = param(rngs, zeros, (dim,), ("embed",), param_dtype)
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    y = layer_norm(x, self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32), self.eps)
     return y.astype(self.dtype)
 
 
