@@ -13,6 +13,7 @@ import dataclasses
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -52,11 +53,47 @@ def read_config(directory: str | pathlib.Path, step: int | None, *, config_item:
     return step, mngr.restore(step, args=ocp.args.Composite(**{config_item: ocp.args.JsonRestore()}))[config_item]
 
 
+# Layouts that an earlier beit_jax wrote, read into today's: leaf name -> (the stored shape given today's, the
+# conversion of the stored array). Until 2026-12-07 the attention's qkv kernel was [D, 3, H, Dh]; it is
+# [3, D, H, Dh] now (models/beit.py says why), so model folders written before still load.
+_EARLIER_LAYOUTS = {
+    "qkv": (lambda shape: (shape[1], shape[0], *shape[2:]), lambda x: jnp.moveaxis(x, 1, 0)),
+}
+
+
+def _path(keys) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def _stored_shapes(directory: pathlib.Path, step: int, tree_item: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  metadata = ocp.StandardCheckpointer().metadata(pathlib.Path(directory).absolute() / str(step) / tree_item)
+  tree = getattr(metadata, "item_metadata", metadata)
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  return {_path(keys): tuple(leaf.shape) for keys, leaf in leaves}
+
+
 def restore_tree(directory: str | pathlib.Path, step: int, *, tree_item: str, like):
-  """The tree saved at `step`, in the structure, shapes and dtypes of `like` (arrays or abstract arrays)."""
+  """The tree saved at `step`, in the structure, shapes and dtypes of `like` (arrays or abstract arrays);
+  leaves saved in an earlier layout (`_EARLIER_LAYOUTS`) are converted."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  stored = _stored_shapes(directory, step, tree_item)
+  upgrades = {}
+
+  def as_stored(keys, leaf):
+    path = _path(keys)
+    earlier = _EARLIER_LAYOUTS.get(path[-1]) if path else None
+    if earlier and stored.get(path) != tuple(leaf.shape) and stored.get(path) == earlier[0](leaf.shape):
+      upgrades[path] = earlier[1]
+      return jax.ShapeDtypeStruct(earlier[0](leaf.shape), leaf.dtype, sharding=leaf.sharding)
+    return leaf
+
+  abstract = jax.tree_util.tree_map_with_path(as_stored, abstract)
   with _manager(directory) as mngr:
-    return mngr.restore(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardRestore(abstract)}))[tree_item]
+    tree = mngr.restore(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardRestore(abstract)}))[tree_item]
+  if not upgrades:
+    return tree
+  return jax.tree_util.tree_map_with_path(lambda keys, x: upgrades[_path(keys)](x) if _path(keys) in upgrades else x,
+                                          tree)
 
 
 def save_model(directory: str | pathlib.Path, model: Beit, step: int = 0) -> None:

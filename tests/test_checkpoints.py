@@ -35,3 +35,25 @@ def test_latest_step_and_errors(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no complete checkpoint step"):
     model_files.load_model(tmp_path / "empty")
+
+
+def test_a_model_saved_in_the_earlier_qkv_layout_still_loads(tmp_path):
+  # Until 2026-12-07 the qkv kernel was saved [D, 3, H, Dh]; such folders are converted on load.
+  model = models.create_model("beit_test_tiny", num_classes=3)
+  tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for block in tree["blocks"].values():
+    block["attn"]["qkv"] = np.moveaxis(np.asarray(block["attn"]["qkv"]), 0, 1)
+  model_files.save_with_config(tmp_path / "old", 0, tree_item="params", tree=tree, config_item="model_config",
+                               config=model.config.to_dict())
+  loaded = model_files.load_model(tmp_path / "old")
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    np.testing.assert_array_equal(np.asarray(_get(loaded, path)), np.asarray(var.get_value()),
+                                  err_msg=str(path))
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+def _get(module, path):
+  for key in path:
+    module = module[key] if isinstance(key, int) else getattr(module, key)
+  return module[...]
