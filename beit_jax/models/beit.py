@@ -177,7 +177,7 @@ class Attention(nnx.Module):
     b, t, d = x.shape
     _, _, h, hd = self.qkv.shape
     # Flattened to 2-D matmuls: XLA:CPU lays out the 4-D einsums' operands with extra copies (~5% of the
-    # miniature's step, benchmarks/NOTES_model_step.md); on GPU/TPU the two forms compile alike.
+    # miniature's step, benchmarks/NOTES_model_step.md). The same maths everywhere; timed on CPU only so far.
     x2, w = x.astype(dt).reshape(b * t, d), self.qkv[...].astype(dt)
     q, k, v = ((x2 @ w[i].reshape(d, h * hd)).reshape(b, t, h, hd) for i in range(3))
     if self.q_bias is not None:
