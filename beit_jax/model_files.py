@@ -66,7 +66,8 @@ def _path(keys) -> tuple[str, ...]:
 
 
 def _stored_shapes(directory: pathlib.Path, step: int, tree_item: str) -> dict[tuple[str, ...], tuple[int, ...]]:
-  metadata = ocp.StandardCheckpointer().metadata(pathlib.Path(directory).absolute() / str(step) / tree_item)
+  with ocp.StandardCheckpointer() as checkpointer:  # closed after use, as the managers here are
+    metadata = checkpointer.metadata(pathlib.Path(directory).absolute() / str(step) / tree_item)
   tree = getattr(metadata, "item_metadata", metadata)
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
   return {_path(keys): tuple(leaf.shape) for keys, leaf in leaves}

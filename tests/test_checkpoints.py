@@ -46,14 +46,10 @@ def test_a_model_saved_in_the_earlier_qkv_layout_still_loads(tmp_path):
   model_files.save_with_config(tmp_path / "old", 0, tree_item="params", tree=tree, config_item="model_config",
                                config=model.config.to_dict())
   loaded = model_files.load_model(tmp_path / "old")
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    np.testing.assert_array_equal(np.asarray(_get(loaded, path)), np.asarray(var.get_value()),
-                                  err_msg=str(path))
+  want = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  got = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+  assert got.keys() == want.keys()
+  for path, var in want.items():
+    np.testing.assert_array_equal(np.asarray(got[path].get_value()), np.asarray(var.get_value()), err_msg=str(path))
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
-
-
-def _get(module, path):
-  for key in path:
-    module = module[key] if isinstance(key, int) else getattr(module, key)
-  return module[...]
