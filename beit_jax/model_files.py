@@ -53,16 +53,15 @@ def read_config(directory: str | pathlib.Path, step: int | None, *, config_item:
     return step, mngr.restore(step, args=ocp.args.Composite(**{config_item: ocp.args.JsonRestore()}))[config_item]
 
 
-# Layouts that an earlier beit_jax wrote, read into today's: leaf name -> (the stored shape given today's, the
-# conversion of the stored array). Until 2026-12-07 the attention's qkv kernel was [D, 3, H, Dh]; it is
-# [3, D, H, Dh] now (models/beit.py says why), so model folders written before still load.
-_EARLIER_LAYOUTS = {
-    "qkv": (lambda shape: (shape[1], shape[0], *shape[2:]), lambda x: jnp.moveaxis(x, 1, 0)),
-}
+# Layouts that an earlier beit_jax wrote, read into today's: leaf name -> the stored array's axes as a
+# permutation of today's (stored = today.transpose(perm)). Until 2026-12-07 the attention's qkv kernel was
+# [D, 3, H, Dh]; it is [3, D, H, Dh] now (models/beit.py says why), so model folders and training checkpoints
+# (the optimizer's moments of that kernel too) written before still load.
+_EARLIER_LAYOUTS = {"qkv": (1, 0, 2, 3)}
 
 
 def _path(keys) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys)
 
 
 def _stored_shapes(directory: pathlib.Path, step: int, tree_item: str) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -73,28 +72,50 @@ def _stored_shapes(directory: pathlib.Path, step: int, tree_item: str) -> dict[t
   return {_path(keys): tuple(leaf.shape) for keys, leaf in leaves}
 
 
-def restore_tree(directory: str | pathlib.Path, step: int, *, tree_item: str, like):
-  """The tree saved at `step`, in the structure, shapes and dtypes of `like` (arrays or abstract arrays);
-  leaves saved in an earlier layout (`_EARLIER_LAYOUTS`) are converted."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  stored = _stored_shapes(directory, step, tree_item)
-  upgrades = {}
+def _permuted(leaf: jax.ShapeDtypeStruct, perm) -> jax.ShapeDtypeStruct:
+  sharding = leaf.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):  # each stored axis keeps the mesh axes of today's
+    spec = tuple(sharding.spec) + (None,) * (len(perm) - len(sharding.spec))
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*(spec[i] for i in perm)))
+  return jax.ShapeDtypeStruct(tuple(leaf.shape[i] for i in perm), leaf.dtype, sharding=sharding)
 
-  def as_stored(keys, leaf):
+
+def as_stored(directory: str | pathlib.Path, step: int, tree_item: str, abstract):
+  """(`abstract` with its leaves in the layout `tree_item` of `step` was saved in, a function that turns the tree
+  restored with it into today's layout, in `abstract`'s shardings). Leaves are converted only where the stored
+  shape is an earlier layout's (`_EARLIER_LAYOUTS`) and not today's."""
+  stored = _stored_shapes(directory, step, tree_item)
+  earlier = {}
+
+  def stored_leaf(keys, leaf):
     path = _path(keys)
-    earlier = _EARLIER_LAYOUTS.get(path[-1]) if path else None
-    if earlier and stored.get(path) != tuple(leaf.shape) and stored.get(path) == earlier[0](leaf.shape):
-      upgrades[path] = earlier[1]
-      return jax.ShapeDtypeStruct(earlier[0](leaf.shape), leaf.dtype, sharding=leaf.sharding)
+    name = path[:-1] if path[-1:] == ("value",) else path  # a training state's leaves are nnx Variables' values
+    perm = _EARLIER_LAYOUTS.get(name[-1]) if name else None
+    if perm and len(perm) == len(leaf.shape) and stored.get(path) != tuple(leaf.shape) and \
+        stored.get(path) == tuple(leaf.shape[i] for i in perm):
+      earlier[path] = (perm, leaf.sharding)
+      return _permuted(leaf, perm)
     return leaf
 
-  abstract = jax.tree_util.tree_map_with_path(as_stored, abstract)
+  def to_today(tree):
+    def convert(keys, x):
+      if _path(keys) not in earlier:
+        return x
+      perm, sharding = earlier[_path(keys)]
+      inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+      return jax.jit(lambda a: jnp.transpose(a, inverse), out_shardings=sharding)(x)
+    return jax.tree_util.tree_map_with_path(convert, tree) if earlier else tree
+
+  return jax.tree_util.tree_map_with_path(stored_leaf, abstract), to_today
+
+
+def restore_tree(directory: str | pathlib.Path, step: int, *, tree_item: str, like):
+  """The tree saved at `step`, in the structure, shapes and dtypes of `like` (arrays or abstract arrays);
+  leaves saved in an earlier layout are converted (`as_stored`)."""
+  abstract, to_today = as_stored(directory, step, tree_item, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
   with _manager(directory) as mngr:
     tree = mngr.restore(step, args=ocp.args.Composite(**{tree_item: ocp.args.StandardRestore(abstract)}))[tree_item]
-  if not upgrades:
-    return tree
-  return jax.tree_util.tree_map_with_path(lambda keys, x: upgrades[_path(keys)](x) if _path(keys) in upgrades else x,
-                                          tree)
+  return to_today(tree)
 
 
 def save_model(directory: str | pathlib.Path, model: Beit, step: int = 0) -> None:

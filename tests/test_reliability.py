@@ -77,6 +77,35 @@ def test_another_models_checkpoint_is_a_clear_error(tmp_path, tokenizer_file):
   assert sorted(saved_steps(tmp_path)) == [2]  # nothing set aside or lost
 
 
+def test_a_checkpoint_in_the_earlier_qkv_layout_resumes_bitwise(tmp_path, tokenizer_file):
+  """Until 2026-12-07 the qkv kernel was saved [D, 3, H, Dh], and so were its AdamW moments: a run checkpointed
+  then resumes in today's [3, D, H, Dh] (checkpoints.TrainCheckpoints._restore_step) and ends bitwise where an
+  uninterrupted run does. On an fsdp mesh, so that the stored layout must be read in its own sharding."""
+  config = lambda: tiny_config(tokenizer_file, total_steps=8, ckpt_every=4, mesh={"data": 4, "fsdp": 2})
+  ref = pretrain.train_and_evaluate(config(), tmp_path / "ref")
+  ckpts = checkpoints.TrainCheckpoints(tmp_path / "ref" / "checkpoints")
+  state, meta = ckpts.restore(ref["state"], step=4)
+  ckpts.close()
+  moved = []
+
+  def earlier_layout(keys, x):
+    if "'qkv'" not in jax.tree_util.keystr(keys):
+      return x
+    moved.append(jax.tree_util.keystr(keys))
+    return jax.numpy.moveaxis(x, 0, 1)
+
+  old = checkpoints.TrainCheckpoints(tmp_path / "old" / "checkpoints")
+  old.save(4, jax.tree_util.tree_map_with_path(earlier_layout, state), meta)
+  old.close()
+  depth = len(ref["state"]["params"]["blocks"])
+  assert len(moved) == 3 * depth, moved  # the kernels and both moments of each block
+  resumed = pretrain.train_and_evaluate(config(), tmp_path / "old")
+  assert sorted(saved_steps(tmp_path / "old")) == [4, 8]
+  assert_bitwise_equal(ref, resumed)
+  assert resumed["state"]["params"]["blocks"][0]["attn"]["qkv"].sharding.spec[1] == "fsdp"
+  print(f"{len(moved)} leaves saved in the earlier layout at step 4; resumed; bitwise equal at step 8")
+
+
 def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, tokenizer_file):
   workdir = tmp_path / "busy"
   proc = start(tokenizer_file, workdir, total_steps=100_000, ckpt_every=1000)

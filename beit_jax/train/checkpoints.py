@@ -111,10 +111,12 @@ class TrainCheckpoints:
         data = jax.random.key_data(x)
         return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
       return ocp.utils.to_shape_dtype_struct(x)
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.tree.map(abstract, target)), meta=ocp.args.JsonRestore()))
+    # A checkpoint of an earlier beit_jax (model_files._EARLIER_LAYOUTS) resumes in today's layout.
+    stored, to_today = model_files.as_stored(self.directory, step, "state", jax.tree.map(abstract, target))
+    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(stored),
+                                                           meta=ocp.args.JsonRestore()))
     state = jax.tree.map(lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
-                         target, out["state"])
+                         target, to_today(out["state"]))
     return state, dict(out["meta"])
 
   def wait(self) -> None:
