@@ -65,8 +65,13 @@ def _path(keys) -> tuple[str, ...]:
 
 
 def _stored_shapes(directory: pathlib.Path, step: int, tree_item: str) -> dict[tuple[str, ...], tuple[int, ...]]:
-  with ocp.StandardCheckpointer() as checkpointer:  # closed after use, as the managers here are
-    metadata = checkpointer.metadata(pathlib.Path(directory).absolute() / str(step) / tree_item)
+  # The handler, not a StandardCheckpointer: that one looks for a step's metadata file in the item's folder and
+  # warns in every log that it is missing.
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    metadata = handler.metadata(pathlib.Path(directory).absolute() / str(step) / tree_item)
+  finally:
+    handler.close()
   tree = getattr(metadata, "item_metadata", metadata)
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
   return {_path(keys): tuple(leaf.shape) for keys, leaf in leaves}
