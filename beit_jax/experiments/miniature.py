@@ -16,8 +16,8 @@ one):
        supervised  from random init, compute-matched: the fine-tuning steps plus as many steps of the same batch
                    as the pre-training saw images (pre-training steps x its batch / the fine-tuning batch)
        beit        from model 2;   peco   from model 4
-     The arms from random init learn at the full rate in every layer (layer decay protects a pre-trained trunk;
-     from scratch it only slows the layers that most need to learn).
+     The arms from random init take the config's from-scratch recipe: the full rate in every layer, gradients
+     clipped at global norm 1 (configs/fmnist_finetune.py says why).
   6. floors that need no pre-training: the linear probe of a randomly initialised model and a logistic
      regression on raw pixels; and the linear probes (best block) of models 2 and 4, each a logistic regression
      per block on the frozen features of every training image, run to convergence (whitened, full-batch L-BFGS).
@@ -173,8 +173,6 @@ class Chain:
     c = configs.load("fmnist_finetune", init)
     c.seed = seed
     c.data.split, c.eval_split = labelled_split(fraction, seed), self.scale.eval_split
-    if not init:  # nothing pre-trained to protect: every layer at the full rate
-      c.optim.layer_decay = 1.0
     c = with_steps(c, self.scale.finetune_steps[fraction] + extra_steps)
     if seed == self.scale.seeds[0]:  # the learning curve of the figure
       c.eval_every, c.eval_every_split = max(1, c.total_steps // self.scale.curve_points), self.scale.curve_split
