@@ -219,7 +219,7 @@ def test_a_stage_stopped_by_sigterm_is_not_recorded(tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_end_to_end_passes_its_checks(tmp_path):
-  """`make demo` itself (~10 minutes on 2 cores): every stage, the table, the checks of issue 19 that hold at demo
+  """`make demo` itself (10-15 minutes on 2 cores): every stage, the table, the checks of issue 19 that hold at demo
   scale (masked-token accuracy >= 1.5x the per-position guess for both tokenizers, fine-tuned >= 5 points above
   from scratch at 1% and 10% labels) and the two figures. The probe check (>= 10 points above the random-init
   probe) is computed and printed but not met yet (+3.8 / +4.2 on 2026-12-03, BENCHMARKS.md): issue 19 is open

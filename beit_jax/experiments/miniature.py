@@ -480,7 +480,7 @@ def draw_masked_predictions(path, workdir: str, arms: dict[str, str], num_images
 
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/beit_demo", "where the runs go")
-_SCALE = flags.DEFINE_enum("scale", "demo", list(SCALES), "demo: ~10 min on 2 cores; full: the recorded table (~1.8 h)")
+_SCALE = flags.DEFINE_enum("scale", "demo", list(SCALES), "demo: 10-15 min on 2 cores; full: the recorded table (~1.8 h)")
 
 
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "print the table of what the workdir holds, run nothing")
