@@ -14,7 +14,8 @@ set-up itself), `jax.distributed.initialize()` runs before anything touches a de
 
 SIGTERM (a preemption notice) is taken over as the process starts, before jax is imported: at any moment of
 start-up, compile or training it ends the run cleanly, exit status 0, with a checkpoint where there is a step to
-save (train/preemption.py); the rerun resumes.
+save (train/preemption.py); the rerun resumes. With `--distributed`, jax's preemption service takes the signal
+over at `jax.distributed.initialize()` and every process stops after the same step.
 
 The console shows one progress line per `config.log_every` steps and a last line saying where the model and the
 metrics are; the libraries' INFO lines go to workdir/log.txt (train/console.py; `--verbose` shows them too).

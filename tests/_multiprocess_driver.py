@@ -4,7 +4,7 @@
 
 The caller sets XLA_FLAGS (the number of CPU devices of this process). The config is a pickled ConfigDict, so
 this process runs exactly the config the test built. The last stdout line is `RESULT {json}`: this process's
-index, its device counts, its pid and the metrics the loop returned.
+index, its device counts, its pid, the metrics the loop returned and the step it ended at.
 """
 import json
 import os
@@ -22,7 +22,7 @@ def main(config_path, workdir, port, num_processes, process_id):
   out = pretrain.train_and_evaluate(config, workdir)
   result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
-            "pid": os.getpid(), "metrics": out["metrics"]}
+            "pid": os.getpid(), "metrics": out["metrics"], "step": int(jax.device_get(out["state"]["step"]))}
   jax.distributed.shutdown()
   print("RESULT " + json.dumps(result), flush=True)
 

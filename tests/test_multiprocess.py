@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import tensorflow as tf
 
 from beit_jax.train import checkpoints, pretrain
 from conftest import tiny_config
+from test_pretrain import saved_steps
 
 DRIVER = pathlib.Path(__file__).parent / "_multiprocess_driver.py"
 TIMEOUT_S = 300
@@ -154,6 +156,45 @@ def test_two_processes_agree_with_one(tmp_path, tokenizer_file):
   assert param_diff < 1e-5 and opt_diff < 1e-5
   for a, b in zip(jax.tree.leaves(ours["rest"]), jax.tree.leaves(theirs["rest"])):
     np.testing.assert_array_equal(a, b)  # the RNG streams
+
+
+def test_a_sigterm_to_one_process_stops_every_process_after_the_same_step_and_the_rerun_resumes(tmp_path,
+                                                                                               tokenizer_file):
+  """A preemption notice reaches the hosts of a pod at different moments, some hosts none. Every process must
+  stop after the same step, or the one that stopped waits in its checkpoint's collective save for the others
+  while they wait in the next step for it. Here SIGTERM goes to process 0 alone, after the first checkpoint
+  (progress, not seconds): both processes exit 0 after the same step, well before the end, with that step's
+  checkpoint; a rerun of the two on the same workdir resumes there and ends where one uninterrupted process does
+  (the tolerance of the test above). Before, jax.distributed's own SIGTERM notifier took the signal and the loop
+  never heard of it: the processes ran on, as if no notice had come, until killed."""
+  steps = 60
+  config = tiny_config(tokenizer_file, mesh={"data": 8}, total_steps=steps, log_every=2, ckpt_every=4)
+  config.model.overrides = {"drop_path_rate": 0.0}
+  workdir = tmp_path / "two"
+  two = Processes(config, workdir, num_processes=2, devices_per_process=4)
+  try:
+    while not saved_steps(workdir):
+      assert all(p.poll() is None for p in two.procs) and time.time() < two.deadline, two.tails()
+      time.sleep(0.05)
+    two.procs[0].send_signal(signal.SIGTERM)
+    stopped = two.results()
+  finally:
+    two.kill()
+  ends = [r["step"] for r in stopped]
+  print(f"SIGTERM to process 0 after checkpoint {min(saved_steps(workdir))}: the processes ended at steps {ends}; "
+        f"checkpoints {sorted(saved_steps(workdir))}")
+  assert ends[0] == ends[1] < steps and ends[0] in saved_steps(workdir), (ends, saved_steps(workdir), two.tails())
+
+  rerun = Processes(config, workdir, num_processes=2, devices_per_process=4)
+  try:
+    one = pretrain.train_and_evaluate(config, tmp_path / "one")
+    resumed = rerun.results()
+  finally:
+    rerun.kill()
+  assert [r["step"] for r in resumed] == [steps, steps], resumed
+  diff = {k: abs(one["metrics"][k] - resumed[0]["metrics"][k]) for k in ("loss", "grad_norm")}
+  print(f"resumed from step {ends[0]} to {steps}; final metrics against one uninterrupted process: {diff}")
+  assert diff["loss"] < 1e-5 and diff["grad_norm"] < 1e-5, (one["metrics"], resumed[0]["metrics"])
 
 
 def test_global_batch_is_the_same_examples_for_any_process_count():

@@ -56,7 +56,7 @@ def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, st
           jax.block_until_ready(in_flight.popleft())
         for hook in hooks:
           hook(step)
-        stop = preemption.requested()
+        stop = preemption.stop_after(step)  # in a multi-process run: the same step on every process
         if step % config.log_every == 0 or step == steps or stop:
           metrics.check_finite(state, ckpts.latest_step())
           last = metrics.mean_of(history)
