@@ -323,10 +323,10 @@ def test_sigterm_at_start_up_and_in_the_first_compile_exits_0_and_the_rerun_is_b
 def test_the_host_runs_at_most_two_steps_ahead_so_a_sigterm_is_answered_promptly(tmp_path):
   """Dispatch is asynchronous: a loop that only waits on a step at its logs lets the host queue steps as fast as
   it dispatches them (on CPU up to the runtime's 32 in flight), and a SIGTERM answered "after this step" then
-  waits for every queued one: 7 s in the demo's fine-tuning, minutes on a pod model, past a preemption's grace
-  period. Here a real jitted step that takes ~10-30 ms (far longer than its dispatch), no log or checkpoint until
-  the end, and the steps not yet finished counted after each dispatch: never more than loop.STEPS_AHEAD (32 on
-  the loop before)."""
+  waits for every queued one: up to 7 s in the demo's fine-tuning, minutes on a pod model, past a preemption's
+  grace period. Here a real jitted step that takes ~10-30 ms (far longer than its dispatch), no log or
+  checkpoint until the end, and the steps not yet finished counted after each dispatch: never more than
+  loop.STEPS_AHEAD (32 on the loop before)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
 
@@ -348,11 +348,11 @@ def test_the_host_runs_at_most_two_steps_ahead_so_a_sigterm_is_answered_promptly
 
   steps = 60
   config = ml_collections.ConfigDict({"log_every": 10 * steps, "ckpt_every": 10 * steps, "batch_size": 1})
-  _ = loop.run(config, {"x": jnp.full((256, 256), 0.01, jnp.float32), "nonfinite_step": jnp.int32(-1)}, step_fn, start=0, steps=steps,
-                      ckpts=checkpoints.TrainCheckpoints(tmp_path / "checkpoints"),
-                      writer=metrics.create_writer(str(tmp_path)),
-                      hooks=[lambda step: unfinished.append(sum(not o.is_ready() for o in outputs))],
-                      meta=lambda step: {"step": step})
+  state = {"x": jnp.full((256, 256), 0.01, jnp.float32), "nonfinite_step": jnp.int32(-1)}
+  loop.run(config, state, step_fn, start=0, steps=steps, ckpts=checkpoints.TrainCheckpoints(tmp_path / "checkpoints"),
+           writer=metrics.create_writer(str(tmp_path)),
+           hooks=[lambda step: unfinished.append(sum(not o.is_ready() for o in outputs))],
+           meta=lambda step: {"step": step})
   assert len(unfinished) == steps and saved_steps(tmp_path) == [steps], (len(unfinished), saved_steps(tmp_path))
   assert max(unfinished) <= loop.STEPS_AHEAD, unfinished
   print(f"steps not finished after each dispatch: at most {max(unfinished)} (of {steps})")
