@@ -10,11 +10,13 @@ mode-specific work (the tokenizer's periodic evaluation) and may return figures 
 
 The host runs at most STEPS_AHEAD steps ahead of the devices. Dispatch is asynchronous, and between two logs
 nothing else waits on a step, so the host would queue steps as fast as it can dispatch them (on CPU up to the
-runtime's in-flight limit, 32; on accelerators until memory runs out); a SIGTERM answered "after this step" then
-waits for every queued step first: up to 7 s in the demo's fine-tuning (32 steps; 3.4 s measured once, 0.7 s with
-the bound), minutes on a pod model, past the grace period a preemption or SLURM gives (~30 s), and the checkpoint
-is never written. Two steps in flight keep the devices fed (the next one is queued while one runs; the input
-pipeline prefetches its own batches).
+runtime's in-flight limit, 32; on accelerators as far as theirs allows); a SIGTERM answered "after this step"
+then waits for every queued step first: up to 7 s in the demo's fine-tuning (32 steps; 3.4 s measured once),
+minutes on a pod model, past the grace period a preemption or SLURM gives (~30 s), and the checkpoint is never
+written. Why 8 and not 2: the queue also hides the input pipeline's stalls, and the biggest is each epoch's start
+(a new tf.data pipeline, ~1.4 s by the steps lost in the demo's fine-tuning, ~7 steps): with 2 in flight the
+steps around each epoch boundary ran at 4.2-4.4 steps/s instead of 4.9 (unbounded); with 8 or 16 mostly not,
+within this VM's noise of unbounded (BENCHMARKS.md). The answer to a SIGTERM then waits for ~9 steps at most.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import jax
 from beit_jax.data import bad_files
 from beit_jax.train import checkpoints, console, metrics, preemption
 
-STEPS_AHEAD = 2  # steps dispatched but not finished, at most (docstring)
+STEPS_AHEAD = 8  # steps dispatched but not finished, at most (docstring)
 
 
 def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, start: int, steps: int,
