@@ -20,7 +20,6 @@ within this VM's noise of unbounded (BENCHMARKS.md). The answer to a SIGTERM the
 """
 from __future__ import annotations
 
-import collections
 import logging
 from typing import Any, Callable, Mapping, Optional
 
@@ -41,7 +40,6 @@ def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, st
   nothing new to save. One during a step (the first one's compile included) stops it after that step's
   checkpoint."""
   history, last = [], {}
-  in_flight = collections.deque()  # the outputs of the steps dispatched and perhaps not finished
   progress = console.Progress(start, steps, config.batch_size)
   with preemption.listening():
     try:
@@ -54,9 +52,8 @@ def run(config, state, step_fn: Callable[[int, Any], tuple[Any, Mapping]], *, st
           logging.info("step %d, the first of this run: compiling the step", step)
         state, out = step_fn(step, state)
         history.append(out)
-        in_flight.append(out)
-        if len(in_flight) > STEPS_AHEAD:
-          jax.block_until_ready(in_flight.popleft())
+        if len(history) > STEPS_AHEAD:  # (the steps before `history` finished: the last log read them)
+          jax.block_until_ready(history[-STEPS_AHEAD - 1])
         for hook in hooks:
           hook(step)
         stop = preemption.stop_after(step)  # in a multi-process run: the same step on every process
